@@ -1,0 +1,216 @@
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import train_utils as tu
+
+
+# -----------------------------------------------------------------------------
+# configurator
+
+def _defaults():
+    return {"batch_size": 32, "lr": 1e-5, "compile": False, "out_dir": "out/x", "betas": (0.9, 0.98),
+            "init_from": "", "heads": ("mlm", "itm"), "torch": torch}
+
+
+def test_configure_file_then_command_line(tmp_path, capsys):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nbatch_size = 4096\nlr = 2 * 1e-5\nbetas = [0.9, 0.999]\n")
+    g = _defaults()
+    out = tu.configure(g, [str(cfg), "--batch_size=8", "--lr=1", "--compile", "--out_dir=runs/a", "--init_from=123"])
+    assert g["batch_size"] == 8 and g["lr"] == 1.0 and type(g["lr"]) is float  # int -> float for a float key
+    assert g["betas"] == (0.9, 0.999)  # list -> tuple for a tuple key
+    assert g["compile"] is True and g["out_dir"] == "runs/a" and g["init_from"] == "123"
+    assert "torch" not in out and "math" not in g and out["batch_size"] == 8
+    assert tu.configure(g, ["--compile=false"])["compile"] is False
+    assert "batch_size = 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--batch_sise=8"], "batch_sise"),
+    (["--batch_size=8.5"], "batch_size"),
+    (["--batch_size=True"], "batch_size"),
+    (["--compile=1"], "compile"),
+    (["--lr=abc"], "lr"),
+    (["--heads=mlm"], "heads"),
+    (["--batch_size"], "batch_size"),
+])
+def test_configure_rejects_bad_overrides(argv, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        tu.configure(_defaults(), argv)
+
+
+def test_configure_unknown_key_in_file(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 8\nlearning_rate = 1e-4\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        tu.configure(_defaults(), [str(cfg)])
+
+
+# -----------------------------------------------------------------------------
+# schedule and optimiser groups
+
+def test_lr_factor():
+    f = lambda s: tu.lr_factor(s, max_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(99) == pytest.approx(1 / 90)
+    assert f(100) == 0.0 and f(150) == 0.0
+    assert tu.lr_factor(0, 5, 0) == 1.0 and tu.lr_factor(4, 5, 0) == pytest.approx(0.2)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.text_model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.cross_modal_text_transform = nn.Linear(4, 4)
+        self.cross_modal_image_layernorm = nn.LayerNorm(4)
+        self.itm_score = nn.Linear(4, 2)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_decay_and_multipliers():
+    model = Toy()
+    groups = tu.param_groups(model, 0.01, {"cross_modal": 5.0, "itm_score": 5.0})
+    by_param = {id(p): (g["weight_decay"], g["lr_mult"]) for g in groups for p in g["params"]}
+    expect = {
+        "text_model.0.weight": (0.01, 1.0), "text_model.0.bias": (0.0, 1.0),
+        "text_model.1.weight": (0.0, 1.0), "text_model.1.bias": (0.0, 1.0),
+        "cross_modal_text_transform.weight": (0.01, 5.0), "cross_modal_text_transform.bias": (0.0, 5.0),
+        "cross_modal_image_layernorm.weight": (0.0, 5.0), "itm_score.weight": (0.01, 5.0),
+        "itm_score.bias": (0.0, 5.0),
+    }
+    named = dict(model.named_parameters())
+    assert {n: by_param[id(named[n])] for n in expect} == expect
+    assert id(named["frozen.weight"]) not in by_param
+    assert len(groups) == 4 and sum(len(g["params"]) for g in groups) == 10
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    tu.set_lr(opt, 1e-5, 0.5)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([5e-6, 5e-6, 2.5e-5, 2.5e-5])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, RNG, logging
+
+def test_checkpoint_atomic(tmp_path, monkeypatch):
+    assert tu.load_latest_checkpoint(tmp_path) is None
+    tu.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)})
+
+    def crash(obj, f):  # dies half-way through writing the next checkpoint
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tu.save_checkpoint(tmp_path, {"step": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt.pt.tmp").exists()
+    state = tu.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    tu.save_checkpoint(tmp_path, {"step": 3})
+    assert tu.load_latest_checkpoint(tmp_path)["step"] == 3 and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_rng_state_roundtrip():
+    import random
+    import numpy as np
+    state = tu.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    tu.set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_metric_logger(tmp_path, capsys):
+    log = tu.MetricLogger(tmp_path / "run", is_master=True)
+    log.log(3, loss=1.23456, lr=1e-5, eta="1m00s")
+    log.log(4, kind="eval", mlm_acc=0.5)
+    tu.MetricLogger(tmp_path / "run", is_master=False).log(5, loss=0.0)
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["step 3 | loss 1.235 | lr 1e-05 | eta 1m00s", "eval step 4 | mlm_acc 0.5"]
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(l["kind"], l["step"]) for l in lines] == [("train", 3), ("eval", 4)] and lines[0]["loss"] == 1.23456
+
+
+def test_peak_flops_cpu():
+    assert tu.peak_flops("cpu") is None
+
+
+# -----------------------------------------------------------------------------
+# train_step: accumulation, clipping, DDP
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3))
+
+
+def _loss_fn(model, batch):
+    x, y = batch
+    logits = model(x)
+    return nn.functional.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def _batches(n, size=4):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+
+
+def test_train_step_accumulation_equals_full_batch():
+    # plain SGD with lr 1: the parameter change is minus the gradient
+    batches = _batches(2)
+    full = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    a, b = _mlp(), _mlp()
+    out_a = tu.train_step(a, batches, _loss_fn, torch.optim.SGD(a.parameters(), lr=1.0))
+    out_b = tu.train_step(b, iter([full]), _loss_fn, torch.optim.SGD(b.parameters(), lr=1.0), accum_steps=1)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+    assert out_a["loss"] == pytest.approx(out_b["loss"], abs=1e-6)
+    assert set(out_a) == {"loss", "acc", "grad_norm"}
+    assert all(p.grad is None for p in a.parameters())
+
+
+def test_train_step_clipping():
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = tu.train_step(model, _batches(1), _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=1e-3)
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert out["grad_norm"] > 1e-2  # reported before clipping
+    assert update.norm().item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, batches, result_path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = tu.setup_distributed("cpu")
+    model = torch.nn.parallel.DistributedDataParallel(_mlp())
+    per_rank = len(batches) // world_size
+    mine = batches[rank * per_rank:(rank + 1) * per_rank]
+    out = tu.train_step(model, mine, _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), dist=dist)
+    if dist.is_master:
+        torch.save({"params": [p.detach() for p in model.parameters()], "out": out}, result_path)
+    tu.cleanup_distributed()
+
+
+def test_train_step_ddp_matches_single_process(tmp_path):
+    # 2 ranks x 2 micro-batches (the first under no_sync) == 1 process accumulating all 4
+    batches = _batches(4)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), batches, str(tmp_path / "ddp.pt")), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    single = _mlp()
+    out = tu.train_step(single, batches, _loss_fn, torch.optim.SGD(single.parameters(), lr=1.0))
+    for pa, pb in zip(ddp["params"], single.parameters()):
+        torch.testing.assert_close(pa, pb.detach(), rtol=0, atol=1e-6)
+    assert ddp["out"]["loss"] == pytest.approx(out["loss"], abs=1e-6)
+    assert ddp["out"]["acc"] == pytest.approx(out["acc"], abs=1e-6)

@@ -1,0 +1,332 @@
+"""
+Training helpers shared by pretrain.py and finetune_vqa.py. Not a framework: each script keeps its own
+visible loop and calls these small functions for the parts that are the same everywhere (configuration,
+torchrun setup, optimiser groups, schedule, checkpoints, logging, MFU, one optimiser step with gradient
+accumulation).
+"""
+import ast
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# configuration (nanoGPT's configurator, with the errors made explicit)
+
+_CONFIG_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
+
+
+def _config_keys(globals_dict):
+    return [k for k, v in globals_dict.items() if not k.startswith("_") and isinstance(v, _CONFIG_TYPES)]
+
+
+def _coerce(key, value, default):
+    """Check an override against the type of the default it replaces."""
+    if default is None or type(value) is type(default):
+        return value
+    if type(default) is float and type(value) is int:
+        return float(value)
+    if type(default) is tuple and type(value) is list:
+        return tuple(value)
+    raise TypeError(f"config key {key!r}: expected {type(default).__name__} (default {default!r}), "
+                    f"got {type(value).__name__} {value!r}")
+
+
+def _parse_value(raw, default):
+    if type(default) is bool and raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare word: a string
+    # --out_dir=123 or --tag=1e-3 mean the string, when the key holds a string
+    return raw if type(default) is str and not isinstance(value, str) else value
+
+
+def configure(globals_dict, argv=None):
+    """Override a script's configuration globals in place and return them as a dict.
+
+    Each argument is a config file (a Python file of assignments, e.g. config/pretrain_base.py) or
+    --key=value (value parsed as a Python literal, a bare word is a string; --key alone sets a bool to True).
+    Later arguments win. A key the script does not define, or a value of another type, is an error naming it.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    keys = _config_keys(globals_dict)
+    verbose = os.environ.get("RANK", "0") == "0"
+    for arg in argv:
+        if not arg.startswith("--"):
+            ns = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), ns)
+            overrides = {k: ns[k] for k in _config_keys(ns)}
+            source = arg
+        else:
+            key, eq, raw = arg[2:].partition("=")
+            if key not in keys:
+                raise ValueError(f"unknown config key {key!r} (from {arg!r})")
+            default = globals_dict[key]
+            if not eq and type(default) is not bool:
+                raise ValueError(f"config key {key!r} needs a value: --{key}=...")
+            overrides = {key: _parse_value(raw, default) if eq else True}
+            source = "command line"
+        for key, value in overrides.items():
+            if key not in keys:
+                raise ValueError(f"unknown config key {key!r} (from {source})")
+            globals_dict[key] = _coerce(key, value, globals_dict[key])
+            if verbose:
+                print(f"config: {key} = {globals_dict[key]!r} ({source})")
+    return {k: globals_dict[k] for k in keys}
+
+
+# -----------------------------------------------------------------------------
+# distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    is_master: bool = True
+
+
+def setup_distributed(device="auto"):
+    """Start the process group when launched by torchrun (NCCL on CUDA, gloo on CPU); else one process."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Dist(rank, local_rank, world_size, device, rank == 0)
+
+
+def cleanup_distributed():
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers (for saving and for calls that skip DDP)."""
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def all_reduce_mean(values, dist):
+    """Mean over ranks of a 1-D float tensor (gloo has no AVG, so SUM then divide)."""
+    if dist is not None and dist.world_size > 1:
+        values = values.clone()
+        torch_dist.all_reduce(values)
+        values /= dist.world_size
+    return values
+
+
+# -----------------------------------------------------------------------------
+# optimiser groups and learning-rate schedule
+
+def param_groups(model, weight_decay, lr_mults=None):
+    """AdamW groups: no decay on biases and LayerNorm weights (every tensor with ndim < 2), and an lr multiplier
+    per name prefix (the first prefix that matches wins; unmatched parameters get 1). Each group has "lr_mult"."""
+    lr_mults = lr_mults or {}
+    groups = {}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
+        decay = weight_decay if p.ndim >= 2 else 0.0
+        group = groups.setdefault((mult, decay), {"params": [], "weight_decay": decay, "lr_mult": mult})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def lr_factor(step, max_steps, warmup_steps):
+    """Linear warmup to 1 over warmup_steps, then linear decay to 0 at max_steps (the original's
+    polynomial schedule with power 1). Warmup starts at 1/warmup_steps rather than 0, so step 0 is not wasted."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+
+def set_lr(optimizer, base_lr, factor):
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group.get("lr_mult", 1.0) * factor
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and RNG state
+
+CKPT_NAME = "ckpt.pt"
+
+
+def save_checkpoint(run_dir, state):
+    """Write to a temporary file, flush it to disk and rename: a crash leaves the previous checkpoint intact."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, CKPT_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_latest_checkpoint(run_dir, map_location="cpu"):
+    """The last complete checkpoint in run_dir, or None. A leftover .tmp from a killed write is ignored."""
+    path = os.path.join(run_dir, CKPT_NAME)
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(dist):
+    """Every rank's RNG state, as a list indexed by rank (each rank draws its own dropout masks)."""
+    if dist is None or dist.world_size == 1:
+        return [rng_state()]
+    states = [None] * dist.world_size
+    torch_dist.all_gather_object(states, rng_state())
+    return states
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+class MetricLogger:
+    """One printed line per call, and the same metrics as a JSON line in run_dir/metrics.jsonl (master only)."""
+
+    def __init__(self, run_dir, is_master=True, filename="metrics.jsonl"):
+        self.is_master = is_master
+        self.path = os.path.join(run_dir, filename)
+        if is_master:
+            os.makedirs(run_dir, exist_ok=True)
+
+    def log(self, step, kind="train", **metrics):
+        if not self.is_master:
+            return
+        head = f"step {step}" if kind == "train" else f"{kind} step {step}"
+        print(" | ".join([head] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **metrics}) + "\n")
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# FLOPs and MFU
+
+# dense bf16 tensor-core peaks in FLOP/s; the first name fragment found in the device name wins
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),  # V100: fp16
+]
+
+
+def peak_flops(device):
+    """The accelerator's own bf16 peak, or None (CPU, or a GPU not in the table: no MFU is reported)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def flops_per_sample(config, text_len, image_len=None, heads=()):
+    """Training FLOPs (forward + backward = 3x forward) of one sample through the model once, counting matrix
+    multiplies only (as PaLM's MFU does): text layers, vision blocks, both cross-modal streams, and `heads`.
+    image_len counts the class token; by default it follows from config.image_size and patch_size."""
+    H, I, W = config.hidden_size, config.intermediate_size, config.vision_width
+    T = text_len
+    L = image_len or (config.image_size // config.patch_size) ** 2 + 1
+
+    def encoder_layer(n, d, ffn):  # q, k, v, o and the FFN over n tokens, plus QK^T and AV
+        return 2 * n * (4 * d * d + 2 * d * ffn) + 2 * 2 * n * n * d
+
+    def cross_layer(n, m):  # a BERT layer plus cross-attention: q/o on own n tokens, k/v on the other m tokens
+        return encoder_layer(n, H, I) + 2 * n * 2 * H * H + 2 * m * 2 * H * H + 2 * 2 * n * m * H
+
+    forward = config.text_layers * encoder_layer(T, H, I)
+    forward += 2 * (L - 1) * 3 * config.patch_size ** 2 * W + config.vision_layers * encoder_layer(L, W, 4 * W)
+    forward += config.cross_layers * (cross_layer(T, L) + cross_layer(L, T))
+    forward += config.cross_layers * 2 * (T * H * H + L * W * H)  # the shared text/image transforms at each cross input
+    forward += 2 * 2 * H * H  # the two poolers
+    head_flops = {
+        "mlm": 2 * T * (H * H + H * config.vocab_size),
+        "itm": 2 * 2 * H * 2,
+        "itc": 2 * (H + H + 2 * H) * config.contrastive_hidden_size,
+        "vqa": 2 * (2 * H * 4 * H + 4 * H * config.num_vqa_answers),
+    }
+    forward += sum(head_flops[h] for h in heads)
+    return 3 * forward
+
+
+# -----------------------------------------------------------------------------
+# one optimiser step
+
+def train_step(model, micro_batches, loss_fn, optimizer, grad_clip=0.0, dist=None, accum_steps=None):
+    """Accumulate gradients over micro_batches (a list, or an iterator with accum_steps given), then clip and step.
+
+    loss_fn(model, batch) -> (loss, metrics): loss a scalar mean over the micro-batch, metrics a dict of scalars.
+    Each loss is divided by the number of micro-steps, so the gradient is the mean over the global batch; under
+    DDP, gradients are all-reduced only on the last micro-step (no_sync on the others), which averages them over
+    ranks. Returns the metrics averaged over micro-steps and ranks, plus "loss" and "grad_norm" (before clipping).
+    """
+    n = accum_steps or len(micro_batches)
+    sums = None
+    for i, batch in enumerate(micro_batches):
+        last = i == n - 1
+        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        with sync:
+            loss, metrics = loss_fn(model, batch)
+            (loss / n).backward()
+        values = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=loss.device)
+                                                        for v in metrics.values()])
+        sums = values if sums is None else sums + values
+    assert i == n - 1, f"got {i + 1} micro-batches, expected {n}"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # an infinite max_norm measures the norm without clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    means = all_reduce_mean(sums / n, dist).tolist()  # one device->host sync per step
+    out = dict(zip(["loss"] + list(metrics), means))
+    out["grad_norm"] = grad_norm.item()
+    return out
