@@ -1,0 +1,705 @@
+"""
+Fused kernels for BridgeTower, in the layout of the Triton tutorials: for each kernel family a
+@triton.jit forward and backward, a torch.autograd.Function wrapped as a plain function, a PyTorch
+reference, and a benchmark under __main__.
+
+1. add_layer_norm: LayerNorm(h + c) and the bridge variants LayerNorm(h*s + c) ("scaled_add") and
+   LayerNorm((1-s)*h + s*c) ("interpolate"). BridgeTower does this in its 10 bridge layers and in
+   every post-LN residual LayerNorm(x + sublayer(x)) of the text and cross layers. Fusing the add
+   saves writing and re-reading the sum.
+2. attention: flash-attention style (online softmax, only the log-sum-exp saved) with a key padding
+   mask, Lq != Lk, any length, and attention-probability dropout drawn inside the kernel.
+   PyTorch's own flash attention refuses any mask, so every padded text call falls back to slower
+   kernels there.
+
+model.py calls only the dispatcher: backend(), bridge_add_layer_norm(), bridge_attention().
+add_layer_norm() and attention() always run Triton: on a CPU that needs TRITON_INTERPRET=1 set
+before triton is imported.
+"""
+
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # torch-only install: the kernels below are defined but never launched
+    HAS_TRITON = False
+
+    class _NoTriton:
+        constexpr = object  # only read in annotations and below
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+        @staticmethod
+        def autotune(*args, **kwargs):
+            return lambda fn: fn
+
+        @staticmethod
+        def Config(*args, **kwargs):
+            return None
+
+    triton = tl = _NoTriton()
+
+# Triton's interpreter runs the kernels with numpy on the CPU. It must be chosen before triton
+# builds the kernels (at import), so we read the same switch once, here.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+# The interpreter's tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton 3.9), so
+# under the interpreter _dot upcasts them first. Compiled kernels are unaffected.
+_UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+# -----------------------------------------------------------------------------
+# Fused add + LayerNorm
+
+LINK_TYPES = {"add": 0, "scaled_add": 1, "interpolate": 2}
+
+
+@triton.jit
+def _link(h, c, s, LINK: tl.constexpr):
+    # BridgeTower's link towers; "add" is also the post-LN residual LayerNorm(x + sublayer(x))
+    if LINK == 1:
+        x = h * s + c
+    elif LINK == 2:
+        x = (1.0 - s) * h + s * c
+    else:
+        x = h + c
+    return x
+
+
+@triton.jit
+def _add_ln_fwd_kernel(
+    H, C, Y, W, B, S, Mean, Rstd,  # pointers; S is the bridge scalar (unused for "add")
+    stride_h, stride_c, stride_y,  # row strides; columns are contiguous
+    N, eps,
+    LINK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # one program per row: a whole row (<= 64K elements) sits in registers, so the sum is read once
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(C + row * stride_c + cols, mask=mask, other=0.0).to(tl.float32)
+    if LINK != 0:
+        s = tl.load(S).to(tl.float32)
+    else:
+        s = 0.0
+    # the sum stays in fp32, never rounded to the input dtype (PyTorch rounds h + c first)
+    x = _link(h, c, s, LINK)
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _add_ln_bwd_kernel(
+    DY, H, C, W, S, Mean, Rstd, DH, DC,  # DC is unused for "add": there dh = dc, one tensor
+    DW_partial, DB_partial, DS_partial,  # fp32, one row (one value for DS) per program
+    stride_dy, stride_h, stride_c, stride_dh, stride_dc,
+    M, N, rows_per_program,
+    LINK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Each program walks a contiguous run of rows and keeps its share of dw, db (and ds) in fp32
+    # registers; the host sums the few partial rows. Deterministic, no atomics or locks.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if LINK != 0:
+        s = tl.load(S).to(tl.float32)
+    else:
+        s = 0.0
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    ds = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # pointers advance by one row per step: int64 arithmetic, no overflow on large inputs
+    first = row_start.to(tl.int64)
+    DY += first * stride_dy
+    H += first * stride_h
+    C += first * stride_c
+    DH += first * stride_dh
+    DC += first * stride_dc
+    for row in range(row_start, row_end):
+        dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H + cols, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(C + cols, mask=mask, other=0.0).to(tl.float32)
+        # recompute the sum instead of saving it: same traffic, one activation less to keep
+        x = _link(h, c, s, LINK)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / N
+        c2 = tl.sum(wdy, axis=0) / N
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        dw += dy * xhat
+        db += dy
+        if LINK == 1:
+            tl.store(DH + cols, (dx * s).to(DH.dtype.element_ty), mask=mask)
+            tl.store(DC + cols, dx.to(DC.dtype.element_ty), mask=mask)
+            ds += dx * h
+        elif LINK == 2:
+            tl.store(DH + cols, (dx * (1.0 - s)).to(DH.dtype.element_ty), mask=mask)
+            tl.store(DC + cols, (dx * s).to(DC.dtype.element_ty), mask=mask)
+            ds += dx * (c - h)
+        else:
+            tl.store(DH + cols, dx.to(DH.dtype.element_ty), mask=mask)
+        DY += stride_dy
+        H += stride_h
+        C += stride_c
+        DH += stride_dh
+        DC += stride_dc
+    tl.store(DW_partial + pid * N + cols, dw, mask=mask)
+    tl.store(DB_partial + pid * N + cols, db, mask=mask)
+    if LINK != 0:
+        tl.store(DS_partial + pid, tl.sum(ds, axis=0))
+
+
+def _as_rows(t, n):
+    t = t.reshape(-1, n)  # a view whenever the layout allows it
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _ln_launch_params(n, element_size):
+    block_n = triton.next_power_of_2(n)
+    if block_n * element_size > 65536:
+        raise ValueError(f"add_layer_norm: width {n} too large for one row in registers")
+    num_warps = min(max(block_n // 256, 1), 8)  # the tutorial's rule: ~256 elements per warp
+    return block_n, num_warps
+
+
+_SM_COUNT = {}
+
+
+def _num_programs(device):
+    if device.type != "cuda":
+        return 4  # the interpreter: few programs, each a python loop over rows
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _SM_COUNT[device]
+
+
+class _AddLayerNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, h, c, weight, bias, scalar, eps, link):
+        n = h.shape[-1]
+        h2, c2 = _as_rows(h, n), _as_rows(c, n)
+        m = h2.shape[0]
+        y = torch.empty((m, n), device=h.device, dtype=h.dtype)
+        mean = torch.empty(m, device=h.device, dtype=torch.float32)
+        rstd = torch.empty(m, device=h.device, dtype=torch.float32)
+        s = scalar if scalar is not None else weight  # any pointer; the kernel ignores it for "add"
+        block_n, num_warps = _ln_launch_params(n, h.element_size())
+        if m > 0:
+            _add_ln_fwd_kernel[(m,)](
+                h2, c2, y, weight, bias, s, mean, rstd,
+                h2.stride(0), c2.stride(0), y.stride(0), n, eps,
+                LINK=link, BLOCK_N=block_n, num_warps=num_warps)
+        ctx.save_for_backward(h2, c2, weight, scalar, mean, rstd)
+        ctx.link, ctx.shape = link, h.shape
+        return y.view(h.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h2, c2, weight, scalar, mean, rstd = ctx.saved_tensors
+        link = ctx.link
+        m, n = h2.shape
+        dy2 = _as_rows(dy, n)
+        dh = torch.empty((m, n), device=h2.device, dtype=h2.dtype)
+        dc = torch.empty_like(dh) if link != 0 else dh
+        programs = max(1, min(m, _num_programs(h2.device)))
+        rows_per_program = triton.cdiv(m, programs)
+        dw_partial = torch.zeros((programs, n), device=h2.device, dtype=torch.float32)
+        db_partial = torch.zeros((programs, n), device=h2.device, dtype=torch.float32)
+        ds_partial = torch.zeros(programs, device=h2.device, dtype=torch.float32)
+        s = scalar if scalar is not None else weight
+        block_n, num_warps = _ln_launch_params(n, h2.element_size())
+        if m > 0:
+            _add_ln_bwd_kernel[(programs,)](
+                dy2, h2, c2, weight, s, mean, rstd, dh, dc,
+                dw_partial, db_partial, ds_partial,
+                dy2.stride(0), h2.stride(0), c2.stride(0), dh.stride(0), dc.stride(0),
+                m, n, rows_per_program,
+                LINK=link, BLOCK_N=block_n, num_warps=num_warps)
+        dw = dw_partial.sum(0).to(weight.dtype)
+        db = db_partial.sum(0).to(weight.dtype)
+        dscalar = None
+        if scalar is not None and ctx.needs_input_grad[4]:
+            dscalar = ds_partial.sum().reshape(scalar.shape).to(scalar.dtype)
+        shape = ctx.shape
+        return dh.view(shape), dc.view(shape), dw, db, dscalar, None, None
+
+
+def _check_link(link_type, scalar):
+    if link_type not in LINK_TYPES:
+        raise ValueError(f"link_type must be one of {sorted(LINK_TYPES)}, got {link_type!r}")
+    if (link_type == "add") != (scalar is None):
+        raise ValueError(f"link_type {link_type!r} takes {'no' if link_type == 'add' else 'a'} scalar")
+
+
+def add_layer_norm(h, c, weight, bias, eps=1e-5, link_type="add", scalar=None):
+    """LayerNorm over the last dim of h + c (or the bridge variants), fused, in Triton.
+
+    h, c: same shape (..., N), last dim contiguous (else copied); fp32, bf16 or fp16 (promoted to a
+    common dtype). weight, bias: (N,), any float dtype. scalar: 0-dim tensor for "scaled_add"
+    (h*s + c) and "interpolate" ((1-s)*h + s*c), None for "add". The output has the inputs' dtype;
+    mean and rstd are computed in fp32 from the fp32 sum. Gradients for h, c, weight, bias, scalar.
+    """
+    _check_link(link_type, scalar)
+    if h.shape != c.shape:
+        raise ValueError(f"add_layer_norm: h {tuple(h.shape)} and c {tuple(c.shape)} differ")
+    dtype = torch.promote_types(h.dtype, c.dtype)
+    h, c = h.to(dtype), c.to(dtype)
+    return _AddLayerNorm.apply(h, c, weight, bias, scalar, float(eps), LINK_TYPES[link_type])
+
+
+def add_layer_norm_ref(h, c, weight, bias, eps=1e-5, link_type="add", scalar=None):
+    """The PyTorch definition (also the dispatcher's torch path)."""
+    _check_link(link_type, scalar)
+    if link_type == "scaled_add":
+        x = h * scalar + c
+    elif link_type == "interpolate":
+        x = (1 - scalar) * h + scalar * c
+    else:
+        x = h + c
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+# -----------------------------------------------------------------------------
+# Fused attention with key padding mask and in-kernel dropout
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    if _UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs, dropout_p):
+    # Counter-based RNG: element (row, col) of head bh gets philox(seed, [row*Lk + col, bh, 0, 0]),
+    # whatever tile it is computed in, so the backward regenerates the forward's mask exactly.
+    c0 = offs.to(tl.uint32)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
+    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)  # 24 random bits -> uniform [0, 1)
+    return u >= dropout_p
+
+
+# Autotune is keyed on what changes the generated code (head dim, mask, dropout, dtype) and on the
+# lengths rounded up to a power of two, so a new padded text length does not re-tune. Under the
+# interpreter there is nothing to tune: one config, non-square tiles so both tile edges are tested.
+if INTERPRET:
+    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4)]
+    _BWD_KV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4)]
+    _BWD_Q_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4)]
+else:
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+    ]
+    _BWD_KV_CONFIGS = [  # BLOCK_N keys owned by a program, BLOCK_M queries per step
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)]
+    ]
+    _BWD_Q_CONFIGS = [  # BLOCK_M queries owned by a program, BLOCK_N keys per step
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]
+    ]
+_ATTN_KEY = ["BLOCK_D", "HAS_MASK", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"]
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_ATTN_KEY)
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, KeyMask, O, LSE,
+    sm_scale, seed, dropout_p,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mn,
+    H, Lq, Lk, D,
+    LQ_BUCKET, LK_BUCKET,  # autotune key only
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(rows[:, None] < Lq) & d_mask[None, :], other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < Lk) & d_mask[None, :]
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if HAS_MASK:
+            valid = tl.load(KeyMask + b * stride_mb + cols * stride_mn, mask=cols < Lk, other=0) != 0
+        else:
+            valid = cols < Lk
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row with every key so far masked has m = -inf; subtract 0 there so that nothing is
+        # computed as -inf - (-inf) = NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser counts dropped entries too
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[:, None] * Lk + cols[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
+        m_i = m_new
+    # rows whose keys are all masked: output 0 (as PyTorch's SDPA), lse = +inf so that the
+    # backward's probabilities exp2(s - lse) are 0 there too
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    if DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=(rows[:, None] < Lq) & d_mask[None, :])
+    tl.store(LSE + bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Lq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # delta_i = sum_j P_ij dP_ij = rowsum(dO * O); it holds with dropout too, because O is the
+    # dropped-and-rescaled output
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < Lq) & (offs_d[None, :] < D)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
+
+
+@triton.autotune(configs=_BWD_KV_CONFIGS, key=_ATTN_KEY)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, KeyMask, DO, LSE, Delta, DK, DV,
+    sm_scale, seed, dropout_p,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb, stride_mn,
+    H, Lq, Lk, D,
+    LQ_BUCKET, LK_BUCKET,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program owns BLOCK_N keys and walks all queries: dk and dv stay in registers, no atomics
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    kv_mask = (cols[:, None] < Lk) & d_mask[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    if HAS_MASK:
+        valid = tl.load(KeyMask + b * stride_mb + cols * stride_mn, mask=cols < Lk, other=0) != 0
+    else:
+        valid = cols < Lk
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh.to(tl.int64) * Lq
+    Delta += bh.to(tl.int64) * Lq
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        rows = start_m + offs_m
+        q_mask = (rows[:, None] < Lq) & d_mask[None, :]
+        q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+        # rows past Lq load lse = +inf: their probabilities come out 0
+        lse = tl.load(LSE + rows, mask=rows < Lq, other=float("inf"))
+        delta = tl.load(Delta + rows, mask=rows < Lq, other=0.0)
+        # work on the transposed tile (keys x queries) so that dk, dv come out as plain dots
+        sT = _dot(k, tl.trans(q), PREC) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :])
+        pT = tl.where(valid[:, None], pT, 0.0)
+        dpT = _dot(v, tl.trans(do), PREC)  # gradient of the dropped probabilities
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[None, :] * Lk + cols[:, None], dropout_p)
+            scale = 1.0 / (1.0 - dropout_p)
+            dv += _dot(tl.where(keep, pT * scale, 0.0).to(do.dtype), do, PREC)
+            dpT = tl.where(keep, dpT * scale, 0.0)
+        else:
+            dv += _dot(pT.to(do.dtype), do, PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_BWD_Q_CONFIGS, key=_ATTN_KEY)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, KeyMask, DO, LSE, Delta, DQ,
+    sm_scale, seed, dropout_p,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mb, stride_mn,
+    H, Lq, Lk, D,
+    LQ_BUCKET, LK_BUCKET,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # one program owns BLOCK_M queries and walks all keys: a second pass rather than atomic adds
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_mask = (rows[:, None] < Lq) & d_mask[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Lq + rows, mask=rows < Lq, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * Lq + rows, mask=rows < Lq, other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < Lk) & d_mask[None, :]
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if HAS_MASK:
+            valid = tl.load(KeyMask + b * stride_mb + cols * stride_mn, mask=cols < Lk, other=0) != 0
+        else:
+            valid = cols < Lk
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        p = tl.where(valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), PREC)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[:, None] * Lk + cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _empty_bhld(b, h, l, d, like):
+    # (B, H, L, D) view of a (B, L, H, D) buffer: out.transpose(1, 2).reshape(B, L, H*D), which is
+    # what the model does next, is then a free view
+    return torch.empty((b, l, h, d), device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+def _bucket(n):
+    return min(max(triton.next_power_of_2(n), 16), 2048)
+
+
+def _dot_precision(dtype):
+    # fp32 inputs follow PyTorch's own matmul switch: exact fp32 unless TF32 is allowed
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _draw_seed():
+    # from torch's CPU generator: reproducible under torch.manual_seed, no GPU sync, and restored by
+    # torch.utils.checkpoint when it recomputes a forward
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+class _Attention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, dropout_p, seed):
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        o = _empty_bhld(B, H, Lq, D, q)
+        lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+        has_mask = key_mask is not None
+        mask_arg = key_mask if has_mask else lse  # any pointer when there is no mask
+        mask_strides = (key_mask.stride(0), key_mask.stride(1)) if has_mask else (0, 0)
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+        _attn_fwd_kernel[grid](
+            q, k, v, mask_arg, o, lse,
+            D ** -0.5, seed, dropout_p,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides,
+            H, Lq, Lk, D, _bucket(Lq), _bucket(Lk),
+            HAS_MASK=has_mask, DROPOUT=dropout_p > 0, PREC=_dot_precision(q.dtype),
+            BLOCK_D=max(16, triton.next_power_of_2(D)))
+        ctx.save_for_backward(q, k, v, key_mask, o, lse)
+        ctx.dropout_p, ctx.seed = dropout_p, seed
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, key_mask, o, lse = ctx.saved_tensors
+        dropout_p, seed = ctx.dropout_p, ctx.seed
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        block_d = max(16, triton.next_power_of_2(D))
+        delta = torch.empty_like(lse)
+        _attn_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+            o, do, delta, *o.stride(), *do.stride(), H, Lq, D, BLOCK_M=64, BLOCK_D=block_d)
+        dq, dk, dv = _empty_bhld(B, H, Lq, D, q), _empty_bhld(B, H, Lk, D, k), _empty_bhld(B, H, Lk, D, v)
+        has_mask = key_mask is not None
+        mask_arg = key_mask if has_mask else lse
+        mask_strides = (key_mask.stride(0), key_mask.stride(1)) if has_mask else (0, 0)
+        common = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0, PREC=_dot_precision(q.dtype), BLOCK_D=block_d)
+        sizes = (H, Lq, Lk, D, _bucket(Lq), _bucket(Lk))
+        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)](
+            q, k, v, mask_arg, do, lse, delta, dk, dv,
+            D ** -0.5, seed, dropout_p,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mask_strides,
+            *sizes, **common)
+        _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+            q, k, v, mask_arg, do, lse, delta, dq,
+            D ** -0.5, seed, dropout_p,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mask_strides,
+            *sizes, **common)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q, k, v, key_mask=None, dropout_p=0.0):
+    """softmax(q k^T / sqrt(D), keys masked) v, flash-attention style, in Triton.
+
+    q (B,H,Lq,D), k and v (B,H,Lk,D): fp32, bf16 or fp16, one dtype; any strides (views of a packed
+    projection are read in place); D <= 256. key_mask (B,Lk): nonzero/True = attend, any pattern.
+    A query whose keys are all masked gets output 0 and zero gradients (PyTorch's SDPA also gives 0).
+    dropout_p: dropout on the attention probabilities, drawn in the kernel from a seed taken from
+    torch's CPU generator; the model passes 0.0 in eval. The output is a (B,H,Lq,D) view of a
+    (B,Lq,H,D) buffer, so out.transpose(1, 2).reshape(B, Lq, H*D) costs nothing.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention: q, k, v must be (B, H, L, D)")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if k.shape != (B, H, Lk, D) or v.shape != k.shape:
+        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"attention: q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if D > 256:
+        raise ValueError(f"attention: head dim {D} > 256")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if key_mask is not None:
+        if key_mask.shape != (B, Lk):
+            raise ValueError(f"attention: key_mask must be (B, Lk) = {(B, Lk)}, got {tuple(key_mask.shape)}")
+        if key_mask.dtype == torch.bool:
+            key_mask = key_mask.view(torch.uint8)  # same bytes; triton reads uint8 more simply than i1
+    seed = _draw_seed() if dropout_p > 0 else 0
+    return _Attention.apply(q, k, v, key_mask, float(dropout_p), seed)
+
+
+def attention_ref(q, k, v, key_mask=None, dropout_p=0.0, dropout_mask=None):
+    """PyTorch definition. dropout_mask (B,H,Lq,Lk) of 0/1, if given, replaces F.dropout's draw.
+    Fully masked query rows give 0, as in the kernel."""
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # softmax of an all -inf row is NaN
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return p @ v
+
+
+# -----------------------------------------------------------------------------
+# The one dispatcher
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def backend(x, requested="auto"):
+    """'triton' or 'torch' for a tensor on x's device. BRIDGETOWER_KERNELS (auto|triton|torch), if
+    set, wins over `requested`. auto: triton on CUDA when triton imports, torch elsewhere."""
+    choice = os.environ.get("BRIDGETOWER_KERNELS", "").strip().lower() or requested
+    if choice not in BACKENDS:
+        raise ValueError(f"kernels must be one of {BACKENDS} (BRIDGETOWER_KERNELS or config), got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    if choice == "auto":
+        return "triton" if HAS_TRITON and x.is_cuda else "torch"
+    if not HAS_TRITON:
+        raise RuntimeError("kernels='triton' but triton is not installed (pip install triton, or use 'torch')")
+    if x.is_cuda or INTERPRET:
+        return "triton"
+    raise RuntimeError(f"kernels='triton' on a {x.device.type} tensor: Triton needs a CUDA GPU, or "
+                       "TRITON_INTERPRET=1 set before triton is imported (slow, for tests)")
+
+
+def bridge_add_layer_norm(h, c, weight, bias, eps, link_type="add", scalar=None, requested="auto"):
+    if backend(h, requested) == "triton":
+        return add_layer_norm(h, c, weight, bias, eps, link_type, scalar)
+    return add_layer_norm_ref(h, c, weight, bias, eps, link_type, scalar)
+
+
+def bridge_attention(q, k, v, key_mask=None, dropout_p=0.0, requested="auto"):
+    if backend(q, requested) == "triton":
+        return attention(q, k, v, key_mask, dropout_p)
+    mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
