@@ -1,0 +1,1024 @@
+"""
+Data for BridgeTower: the RoBERTa tokenizer, image transforms, an embedded synthetic dataset of
+coloured shapes, and the pre-training loader (MLM + ITM batches built on the loader workers).
+
+Read top to bottom:
+  1. Tokenizer / demo_tokenizer      byte-level BPE, same ids as transformers' RobertaTokenizerFast
+  2. ImageProcessor and transforms   HF BridgeTowerImageProcessor (PIL backend) + VQA train/eval transforms
+  3. make_scene / scene_caption      synthetic images whose captions can only be predicted from the pixels
+  4. sources                         synthetic, COCO Karpathy json, Visual Genome regions, WebDataset tar shards
+  5. build_pretrain_loader           per-worker sample streams -> batches with MLM masks and ITM negatives
+
+python data.py --bench [sources]     prints loader images/s per worker (synthetic and JPEG tar shards)
+"""
+
+import bisect
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import tarfile
+import tempfile
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+# -----------------------------------------------------------------------------
+# 1. Tokenizer
+
+# RoBERTa's special tokens in RoBERTa's id order: <s>=0, <pad>=1, </s>=2, <unk>=3, then <mask>.
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+class Tokenizer:
+    """RoBERTa byte-level BPE on the `tokenizers` library.
+
+    Same input_ids and attention_mask as transformers' RobertaTokenizerFast: `<s> ... </s>`, padding with
+    <pad> on the right, truncation that keeps both special tokens.
+    """
+
+    def __init__(self, backend: _HFTokenizer):
+        self.backend = backend
+        self.cls_id = backend.token_to_id("<s>")
+        self.pad_id = backend.token_to_id("<pad>")
+        self.sep_id = backend.token_to_id("</s>")
+        self.unk_id = backend.token_to_id("<unk>")
+        self.mask_id = backend.token_to_id("<mask>")
+        if None in (self.cls_id, self.pad_id, self.sep_id, self.mask_id):
+            raise ValueError("tokenizer vocabulary lacks one of the RoBERTa special tokens " + str(SPECIAL_TOKENS))
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.special_ids = sorted({backend.token_to_id(t) for t in SPECIAL_TOKENS} - {None})
+
+    @classmethod
+    def from_dir(cls, path):
+        path = os.fspath(path)
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            # a full tokenizers pipeline (e.g. the roberta-base hub files): it carries its own special tokens
+            return cls(_HFTokenizer.from_file(os.path.join(path, "tokenizer.json")))
+        vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+        for p in (vocab, merges):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"no tokenizer.json and no {os.path.basename(p)} in {path}")
+        # the pipeline transformers' RobertaTokenizer builds from vocab.json + merges.txt
+        backend = _HFTokenizer(BPE.from_file(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="",
+                                             fuse_unk=False))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(SPECIAL_TOKENS)
+        backend.post_processor = processors.RobertaProcessing(
+            ("</s>", backend.token_to_id("</s>")), ("<s>", backend.token_to_id("<s>")),
+            trim_offsets=True, add_prefix_space=False)
+        return cls(backend)
+
+    def __call__(self, texts, max_length=50, padding="max_length", truncation=True):
+        if isinstance(texts, str):
+            texts = [texts]
+        if padding is True:
+            padding = "longest"
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
+        if truncation:
+            self.backend.enable_truncation(max_length)
+        else:
+            self.backend.no_truncation()
+        self.backend.enable_padding(pad_id=self.pad_id, pad_token="<pad>",
+                                    length=max_length if padding == "max_length" else None)
+        encodings = self.backend.encode_batch(list(texts))
+        lengths = {len(e.ids) for e in encodings}
+        if len(lengths) > 1:  # only possible without truncation: a row longer than max_length
+            raise ValueError(f"texts longer than max_length={max_length} need truncation=True (lengths {sorted(lengths)})")
+        return {"input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long).view(len(encodings), -1),
+                "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long).view(len(encodings), -1)}
+
+    def decode(self, ids, skip_special_tokens=False):
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _demo_corpus():
+    """Every caption and question wording the synthetic tasks use, so each of their words is one BPE token."""
+    rng = random.Random(0)
+    texts = []
+    for _ in range(3000):
+        objects = _place_objects(rng, 64)
+        texts.append(scene_caption(objects, rng))
+    # Questions and answers about the scenes (the VQA owner's wording may differ a little: byte-level BPE
+    # still encodes any text, only less compactly).
+    for color in COLORS:
+        for shape in SHAPES:
+            for size in SIZES:
+                texts += [f"what color is the {shape}?", f"what color is the {size} {shape}?",
+                          f"what shape is the {color} object?", f"what size is the {color} {shape}?",
+                          f"is there a {color} {shape}?", f"is there a {size} {color} {shape}?",
+                          f"how many {color} objects are there?", f"how many {shape}s are there?",
+                          f"how many {size} objects are there?", f"where is the {color} {shape}?",
+                          f"is the {shape} small or large?", f"which shape is {color}?"]
+                for rel in RELATIONS:
+                    texts += [f"is the {color} {shape} {rel} the {size} {shape}?",
+                              f"what is {rel} the {color} {shape}?", f"what color is the shape {rel} the {shape}?"]
+    texts += ["how many objects are there?", "how many shapes are in the image?", "what is in the picture?"]
+    texts += ["yes", "no", "left", "right", "top", "bottom", "middle", "center"] + list(COLORS) + list(SHAPES)
+    texts += [str(n) for n in range(10)] + ["zero", "one", "two", "three", "four", "five"]
+    texts += [s + "s" for s in SHAPES] + list(SIZES)
+    return texts
+
+
+def demo_tokenizer(cache_dir="out/tokenizer"):
+    """A small byte-level BPE trained on the synthetic captions and questions, cached as vocab.json + merges.txt.
+
+    Deterministic (same corpus -> same files). The cache is reused only if it was trained on the current corpus,
+    so editing the scene vocabulary cannot silently leave a stale tokenizer behind.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    corpus = _demo_corpus()
+    stamp = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:16]
+    files = [os.path.join(cache_dir, n) for n in ("vocab.json", "merges.txt", "corpus.sha")]
+    if all(os.path.isfile(f) for f in files) and open(files[2]).read().strip() == stamp:
+        return Tokenizer.from_dir(cache_dir)
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, vocab_size=1000, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                            show_progress=False)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir)
+    bpe.save_model(tmp)
+    with open(os.path.join(tmp, "corpus.sha"), "w") as f:
+        f.write(stamp + "\n")
+    for f in files:  # rename into place: several ranks may build the cache at once and none sees half a file
+        os.replace(os.path.join(tmp, os.path.basename(f)), f)
+    os.rmdir(tmp)
+    return Tokenizer.from_dir(cache_dir)
+
+
+# -----------------------------------------------------------------------------
+# 2. Images
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_rgb(img):
+    """RGB, with transparency composited onto white (what transformers' convert_to_rgb does)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img.convert("RGB")
+
+
+def draft(img, min_w, min_h):
+    """Let the JPEG decoder downscale by 2/4/8 in the DCT while keeping both sides >= the request.
+
+    Decoding a 640x480 JPEG at half size is ~3x faster; the bicubic resize that follows hides the difference.
+    No-op for other formats or already-loaded images.
+    """
+    if getattr(img, "format", None) == "JPEG" and getattr(img, "tile", None):
+        img.draft("RGB", (max(1, int(min_w)), max(1, int(min_h))))
+    return img
+
+
+def normalize(arr):
+    """uint8 (H,W,3) -> normalized float32 (3,H,W): /255 then CLIP mean/std (HF's order)."""
+    x = torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # copy: PIL arrays are read-only
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def _center_crop(arr, crop):
+    """HF's center crop on (H,W,C) uint8: pad with zeros symmetrically if smaller, then crop at (H-c)//2."""
+    h, w = arr.shape[:2]
+    if h < crop or w < crop:
+        new_h, new_w = max(h, crop), max(w, crop)
+        canvas = np.zeros((new_h, new_w, arr.shape[2]), dtype=arr.dtype)
+        top_pad, left_pad = math.ceil((new_h - h) / 2), math.ceil((new_w - w) / 2)
+        canvas[top_pad:top_pad + h, left_pad:left_pad + w] = arr
+        arr, h, w = canvas, new_h, new_w
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return arr[top:top + crop, left:left + crop]
+
+
+class ImageProcessor:
+    """HF BridgeTowerImageProcessor, PIL backend: shortest edge -> size (long side capped at 1333/800 of it),
+    sides rounded with int(x+0.5) and floored to a multiple of size_divisor, bicubic, center crop (zero pad
+    if smaller), /255, CLIP mean/std. Equal to HF to float32 rounding; never drafts, so it is exact."""
+
+    def __init__(self, size=288, crop_size=None, size_divisor=32, do_center_crop=True, resample=Image.BICUBIC):
+        self.size = size
+        self.crop_size = size if crop_size is None else crop_size
+        self.size_divisor = size_divisor
+        self.do_center_crop = do_center_crop
+        self.resample = resample
+
+    def output_size(self, width, height):
+        shorter, longer = self.size, int(1333 / 800 * self.size)
+        scale = shorter / min(height, width)
+        if height < width:
+            new_h, new_w = shorter, scale * width
+        else:
+            new_h, new_w = scale * height, shorter
+        if max(new_h, new_w) > longer:
+            scale = longer / max(new_h, new_w)
+            new_h, new_w = scale * new_h, scale * new_w
+        new_h, new_w = int(new_h + 0.5), int(new_w + 0.5)
+        d = self.size_divisor
+        return new_w // d * d, new_h // d * d
+
+    def process(self, img):
+        img = to_rgb(img)
+        img = img.resize(self.output_size(*img.size), self.resample)
+        arr = np.asarray(img)
+        if self.do_center_crop:
+            arr = _center_crop(arr, self.crop_size)
+        return normalize(arr)
+
+    def __call__(self, images):
+        if isinstance(images, Image.Image):
+            return self.process(images)
+        out = [self.process(im) for im in images]
+        if len({tuple(x.shape) for x in out}) > 1:
+            raise ValueError("images of different sizes (do_center_crop=False): process them one by one")
+        return torch.stack(out)
+
+
+def pretrain_transform(size, use_draft=True):
+    """Pre-training images: shorter side -> size (bicubic), center crop, no augmentation (the original recipe)."""
+    def transform(img, rng=None):
+        if use_draft:
+            draft(img, size, size)
+        img = to_rgb(img)
+        w, h = img.size
+        scale = size / min(w, h)
+        # max(size, ...) keeps rounding from leaving a side one pixel short of the crop
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        return normalize(_center_crop(np.asarray(img), size))
+    return transform
+
+
+def eval_transform(size, square_resize=True, use_draft=True):
+    """VQA evaluation: the whole image squashed to size x size (the original VQA recipe), or HF's processor."""
+    if not square_resize:
+        processor = ImageProcessor(size)
+        return lambda img, rng=None: processor.process(img)
+
+    def transform(img, rng=None):
+        if use_draft:
+            draft(img, size, size)
+        return normalize(np.asarray(to_rgb(img).resize((size, size), Image.BICUBIC)))
+    return transform
+
+
+def _random_resized_crop_box(w, h, scale, ratio, rng):
+    """torchvision's RandomResizedCrop box sampling: area fraction in `scale`, log-uniform aspect in `ratio`."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return x0, y0, x0 + cw, y0 + ch
+    # fallback: the whole image, clipped to the allowed aspect range
+    aspect = w / h
+    if aspect < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif aspect > ratio[1]:
+        cw, ch = round(h * ratio[1]), h
+    else:
+        cw, ch = w, h
+    x0, y0 = (w - cw) // 2, (h - ch) // 2
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def _randaugment_ops(magnitude):
+    """torchvision's RandAugment ops and strengths (magnitude on its 0..30 scale), signed at random.
+
+    Solarize is left out: it inverts bright colours, and VQA answers name colours ("what color is ...").
+    There is no flip anywhere for the same kind of reason: "left of" must stay left.
+    """
+    m = magnitude / 30.0
+    fill = (0, 0, 0)
+
+    def signed(v, rng):
+        return v if rng.random() < 0.5 else -v
+
+    def affine(img, coeffs):
+        return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.NEAREST, fillcolor=fill)
+
+    return {
+        "Identity": lambda img, rng: img,
+        "ShearX": lambda img, rng: affine(img, (1, signed(0.3 * m, rng), 0, 0, 1, 0)),
+        "ShearY": lambda img, rng: affine(img, (1, 0, 0, signed(0.3 * m, rng), 1, 0)),
+        "TranslateX": lambda img, rng: affine(img, (1, 0, signed(150 / 331 * m * img.size[0], rng), 0, 1, 0)),
+        "TranslateY": lambda img, rng: affine(img, (1, 0, 0, 0, 1, signed(150 / 331 * m * img.size[1], rng))),
+        "Rotate": lambda img, rng: img.rotate(signed(30 * m, rng), resample=Image.NEAREST, fillcolor=fill),
+        "Brightness": lambda img, rng: ImageEnhance.Brightness(img).enhance(1 + signed(0.9 * m, rng)),
+        "Color": lambda img, rng: ImageEnhance.Color(img).enhance(1 + signed(0.9 * m, rng)),
+        "Contrast": lambda img, rng: ImageEnhance.Contrast(img).enhance(1 + signed(0.9 * m, rng)),
+        "Sharpness": lambda img, rng: ImageEnhance.Sharpness(img).enhance(1 + signed(0.9 * m, rng)),
+        "Posterize": lambda img, rng: ImageOps.posterize(img, int(8 - round(4 * m))),
+        "AutoContrast": lambda img, rng: ImageOps.autocontrast(img),
+        "Equalize": lambda img, rng: ImageOps.equalize(img),
+    }
+
+
+def train_transform(size, scale=(0.5, 1.0), randaugment=(2, 5), use_draft=True):
+    """VQA fine-tuning: random resized crop (bicubic) + RandAugment(n ops, magnitude), no flip.
+
+    Returns transform(img, rng=None) -> (3,size,size); pass a seeded random.Random for reproducible batches.
+    """
+    num_ops, magnitude = randaugment
+    ops = list(_randaugment_ops(magnitude).values())
+    ratio = (3 / 4, 4 / 3)
+    # the smallest crop side is sqrt(scale_min * 3/4) of the image's geometric mean side: draft no lower
+    draft_side = size / math.sqrt(scale[0] * ratio[0])
+
+    def transform(img, rng=None):
+        rng = rng or random
+        if use_draft:
+            draft(img, draft_side, draft_side)
+        img = to_rgb(img)
+        box = _random_resized_crop_box(*img.size, scale, ratio, rng)
+        img = img.resize((size, size), Image.BICUBIC, box=box)
+        for _ in range(num_ops):
+            img = rng.choice(ops)(img, rng)
+        return normalize(np.asarray(img))
+    return transform
+
+
+# -----------------------------------------------------------------------------
+# 3. Synthetic scenes: coloured shapes whose caption can only be completed by looking at the image
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
+          "yellow": (240, 210, 20), "purple": (140, 40, 180), "orange": (250, 130, 10)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+RELATIONS = ("left of", "right of", "above", "below")
+_SIZE_FRACTION = {"small": 0.22, "large": 0.38}  # object side / image side: both legible at 64 px
+_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def spatial_relation(a, b):
+    """Where object a is relative to object b, along the axis where their centres differ most."""
+    ax, ay = (a["bbox"][0] + a["bbox"][2]) / 2, (a["bbox"][1] + a["bbox"][3]) / 2
+    bx, by = (b["bbox"][0] + b["bbox"][2]) / 2, (b["bbox"][1] + b["bbox"][3]) / 2
+    if abs(ax - bx) >= abs(ay - by):
+        return "left of" if ax < bx else "right of"
+    return "above" if ay < by else "below"
+
+
+def _place_objects(rng, size, max_tries=100):
+    """1-3 non-overlapping objects; the first two clearly separated along one axis so 'left of' is unambiguous."""
+    n = rng.randint(1, 3)
+    objects = []
+    tries = 0
+    while len(objects) < n and tries < max_tries:
+        tries += 1
+        obj_size = rng.choice(SIZES)
+        side = max(4, round(_SIZE_FRACTION[obj_size] * size))
+        x0, y0 = rng.randint(1, size - side - 1), rng.randint(1, size - side - 1)
+        bbox = (x0, y0, x0 + side, y0 + side)
+        if any(bbox[0] < o["bbox"][2] + 2 and o["bbox"][0] < bbox[2] + 2 and
+               bbox[1] < o["bbox"][3] + 2 and o["bbox"][1] < bbox[3] + 2 for o in objects):
+            continue
+        if len(objects) == 1:
+            c0 = objects[0]["bbox"]
+            dx, dy = abs((c0[0] + c0[2]) - (bbox[0] + bbox[2])) / 2, abs((c0[1] + c0[3]) - (bbox[1] + bbox[3])) / 2
+            if abs(dx - dy) < 0.15 * size:
+                continue
+        objects.append(dict(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), size=obj_size, bbox=bbox))
+    return objects
+
+
+def _draw_object(draw, obj):
+    x0, y0, x1, y1 = obj["bbox"]
+    fill = COLORS[obj["color"]]
+    if obj["shape"] == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif obj["shape"] == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif obj["shape"] == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    else:  # diamond
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=fill)
+
+
+def make_scene(rng, size=64):
+    """(PIL RGB image size x size, objects); objects: list of dict(shape, color, size "small"/"large", bbox)."""
+    objects = _place_objects(rng, size)
+    grey = rng.randint(200, 245)  # a neutral background, so every colour word refers to an object
+    img = Image.new("RGB", (size, size), (grey, grey, grey))
+    draw = ImageDraw.Draw(img)
+    for obj in objects:
+        _draw_object(draw, obj)
+    return img, objects
+
+
+def _describe(obj):
+    return f"a {obj['size']} {obj['color']} {obj['shape']}"
+
+
+def scene_caption(objects, rng):
+    """'a small red circle left of a large blue square [and a small green triangle]'.
+
+    Every object is named, so a caption fits its own scene and (almost) no other; the first two are related
+    in a random order (with the matching relation), so MLM on a colour or relation word needs the image.
+    """
+    if not objects:
+        return "an empty picture"
+    if len(objects) == 1:
+        return _describe(objects[0])
+    a, b = objects[0], objects[1]
+    if rng.random() < 0.5:
+        a, b = b, a
+    caption = f"{_describe(a)} {spatial_relation(a, b)} {_describe(b)}"
+    for obj in objects[2:]:
+        caption += f" and {_describe(obj)}"
+    return caption
+
+
+# -----------------------------------------------------------------------------
+# 4. Sources. A map-style source has __len__ and load(i) -> (PIL image, caption, image key);
+#    tar shards are read as per-worker streams (ShardSource).
+
+SYNTHETIC_SIZES = {"train": 1_000_000, "val": 5_000, "test": 5_000}
+
+
+class SyntheticSource:
+    """Scenes generated on the fly from (split, index): no files, and train/val never share a seed."""
+
+    def __init__(self, split, image_size):
+        if split not in SYNTHETIC_SIZES:
+            raise ValueError(f"synthetic split must be one of {list(SYNTHETIC_SIZES)}, got {split!r}")
+        self.split, self.image_size, self.n = split, image_size, SYNTHETIC_SIZES[split]
+        self.name = f"synthetic[{split}]"
+
+    def __len__(self):
+        return self.n
+
+    def load(self, i):
+        rng = random.Random(f"synthetic-{self.split}-{i}")  # str seeds are hashed with sha512: stable everywhere
+        img, objects = make_scene(rng, self.image_size)
+        return img, scene_caption(objects, rng), f"synthetic/{self.split}/{i}"
+
+
+class PairSource:
+    """(image path, caption) pairs held in numpy arrays, not a list of Python strings: with millions of VG
+    regions, per-object refcounts would copy the whole list into every forked loader worker."""
+
+    def __init__(self, name, root, image_files, image_index, captions):
+        self.name, self.root = name, root
+        self.image_files = np.array(image_files)  # unique relative paths (numpy unicode array)
+        self.image_index = np.asarray(image_index, dtype=np.int64)
+        encoded = [c.encode("utf-8") for c in captions]
+        self.caption_offsets = np.cumsum([0] + [len(c) for c in encoded], dtype=np.int64)
+        self.caption_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+        if len(self.image_index) == 0:
+            raise ValueError(f"{name}: no image-caption pairs for this split (empty source)")
+        self._check_root()
+
+    def _check_root(self):
+        # A wrong image root would otherwise show up as every sample being skipped, mid-run.
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"{self.name}: image root not found: {self.root}")
+        probe = [os.path.join(self.root, str(f)) for f in self.image_files[:20]]
+        if not any(os.path.isfile(p) for p in probe):
+            raise FileNotFoundError(f"{self.name}: none of the first {len(probe)} images exist, e.g. {probe[0]}")
+
+    def __len__(self):
+        return len(self.image_index)
+
+    def load(self, i):
+        rel = str(self.image_files[self.image_index[i]])
+        caption = bytes(self.caption_bytes[self.caption_offsets[i]:self.caption_offsets[i + 1]]).decode("utf-8")
+        return Image.open(os.path.join(self.root, rel)), caption, f"{self.name}/{rel}"
+
+
+def _read_json(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def coco_source(json_path, root, split):
+    """Karpathy dataset_coco.json: images[{filepath, filename, split, sentences[{raw}]}]; train = train + restval."""
+    splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+    data = _read_json(json_path, "COCO Karpathy json")
+    files, index, captions = [], [], []
+    for img in data["images"]:
+        if img["split"] not in splits:
+            continue
+        files.append(os.path.join(img.get("filepath", ""), img["filename"]))
+        for sentence in img["sentences"]:
+            index.append(len(files) - 1)
+            captions.append(sentence["raw"])
+    return PairSource(f"coco:{json_path}[{split}]", root, files, index, captions)
+
+
+def vg_source(json_path, root, split):
+    """Visual Genome region_descriptions.json: [{id, regions[{image_id, phrase, ...}]}]; image {id}.jpg.
+
+    VG has no val/test split (the original pre-training used all of it), so only split="train" reads it.
+    """
+    if split != "train":
+        return None
+    data = _read_json(json_path, "Visual Genome region_descriptions.json")
+    files, index, captions = [], [], []
+    for entry in data:
+        regions = entry.get("regions", [])
+        if not regions:
+            continue
+        image_id = entry.get("id", regions[0].get("image_id"))
+        files.append(f"{image_id}.jpg")
+        for region in regions:
+            index.append(len(files) - 1)
+            captions.append(region["phrase"])
+    return PairSource(f"vg:{json_path}", root, files, index, captions)
+
+
+def expand_shards(pattern):
+    """'dir/{00000..00099}.tar' (numeric ranges keep zero padding), '{a,b}' lists, and glob wildcards."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m:
+        body = m.group(1)
+        r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if r:
+            width = len(r.group(1))
+            choices = [str(i).zfill(width) for i in range(int(r.group(1)), int(r.group(2)) + 1)]
+        else:
+            choices = body.split(",")
+        return [p for c in choices for p in expand_shards(pattern[:m.start()] + c + pattern[m.end():])]
+    if any(ch in pattern for ch in "*?["):
+        return sorted(glob.glob(pattern))
+    return [pattern]
+
+
+def _split_spec(spec):
+    """Split 'a,b' on commas outside braces, so shard patterns may use {x,y}."""
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def scan_shard(path):
+    """Read only the tar headers of one shard -> (samples, error).
+
+    samples: [(key, {ext: (data offset, size)})] grouped like webdataset (key = path up to the first dot of the
+    basename). error: None, or why the shard was abandoned; the samples before the bad member are kept.
+    """
+    samples, error = [], None
+    file_size = os.path.getsize(path)
+    key, members = None, {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > file_size:
+                    raise tarfile.ReadError(f"member {info.name} runs past the end of the file")
+                m = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", info.name)
+                if not m:
+                    continue
+                if m.group(1) != key:
+                    if key is not None:
+                        samples.append((key, members))
+                    key, members = m.group(1), {}
+                members[m.group(2).lower()] = (info.offset_data, info.size)
+            # tarfile ends quietly on a cut header: a complete archive ends with two zero blocks
+            if file_size - tf.offset < 1024:
+                raise tarfile.ReadError(f"no end-of-archive marker after {info.name if key else 'the start'}")
+        if key is not None:
+            samples.append((key, members))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"{type(e).__name__}: {e}"  # the sample being read when it broke is dropped: it may be partial
+    return samples, error
+
+
+class ShardSource:
+    """WebDataset shards as written by img2dataset: {key}.jpg + {key}.txt [+ {key}.json]."""
+
+    def __init__(self, pattern):
+        self.name = f"wds:{pattern}"
+        self.shards = expand_shards(pattern)
+        if not self.shards:
+            raise FileNotFoundError(f"{self.name}: no shard matches {pattern}")
+        for p in self.shards:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{self.name}: shard not found: {p}")
+        first, error = scan_shard(self.shards[0])
+        if not first:
+            raise ValueError(f"{self.name}: first shard {self.shards[0]} holds no samples ({error or 'empty'})")
+        self.estimated_len = self._estimate_len(len(first))
+
+    def _estimate_len(self, first_count):
+        # img2dataset writes {shard}_stats.json with the sample count; otherwise assume shards like the first
+        total = 0
+        for p in self.shards:
+            stats = os.path.splitext(p)[0] + "_stats.json"
+            try:
+                with open(stats) as f:
+                    total += int(json.load(f)["successes"])
+            except (OSError, ValueError, KeyError):
+                total += first_count
+        return max(1, total)
+
+
+def parse_sources(spec, split, image_size):
+    """'synthetic', 'wds:<pattern>', 'coco:<json>@<root>', 'vg:<json>@<root>', comma-joined -> (map sources, shards)."""
+    map_sources, shard_sources = [], []
+    for part in _split_spec(spec or "synthetic"):
+        kind, _, arg = part.partition(":")
+        if kind == "synthetic":
+            map_sources.append(SyntheticSource(split, image_size))
+        elif kind == "wds":
+            shard_sources.append(ShardSource(arg))
+        elif kind in ("coco", "vg"):
+            json_path, _, root = arg.rpartition("@") if "@" in arg else (arg, "", os.path.dirname(arg))
+            source = (coco_source if kind == "coco" else vg_source)(json_path, root, split)
+            if source is None:
+                print(f"data: {part} has no {split} split; left out", file=sys.stderr)
+            else:
+                map_sources.append(source)
+        else:
+            raise ValueError(f"unknown data source {part!r}: use synthetic, wds:<pattern>, coco:<json>@<root>, "
+                             "vg:<json>@<root>")
+    if not map_sources and not shard_sources:
+        raise ValueError(f"data sources {spec!r} give no samples for split {split!r}")
+    return map_sources, shard_sources
+
+
+# -----------------------------------------------------------------------------
+# 5. The pre-training loader.
+#
+# Every (rank, loader worker) pair is a "role" with its own deterministic stream of samples:
+#   - map-style sources (synthetic, COCO, VG) form one concatenated index space; an infinite sequence of epoch
+#     permutations (seeded by seed+epoch) is dealt out round-robin: role r gets positions r, r+R, r+2R, ...
+#   - tar shards are dealt out the same way, one shard at a time; their samples pass a shuffle buffer.
+#   - with both kinds, each slot of a role's stream draws its kind with weights proportional to their sizes.
+# Role w of a rank builds that rank's batches w, w+W, w+2W, ... from consecutive slots of its stream, which is
+# exactly the order torch's DataLoader reads its workers in. Resuming at batch k therefore means: each worker
+# skips the slots of its earlier batches, by index arithmetic for map-style sources and by reading tar headers
+# (no image decoding) for shards. Resume is exact for the same seed, batch_size, world_size and num_workers.
+
+SHUFFLE_BUFFER = 2000  # tar samples (header references, not bytes) shuffled per worker
+MAX_OPEN_SHARDS = 8
+
+
+def _seed_of(*parts):
+    return random.Random("-".join(map(str, parts))).getrandbits(63)
+
+
+class _MapStream:
+    """Positions role, role+R, ... of the concatenated per-epoch permutations of all map-style samples."""
+
+    def __init__(self, sources, seed, role, num_roles):
+        self.sources, self.seed, self.role, self.num_roles = sources, seed, role, num_roles
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+        self.n = int(self.offsets[-1])
+        self.position = role
+        self._epoch, self._perm = None, None
+
+    def skip(self, count):
+        self.position += count * self.num_roles
+
+    def next(self):
+        epoch, i = divmod(self.position, self.n)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        self.position += self.num_roles
+        index = int(self._perm[i])
+        s = bisect.bisect_right(self.offsets, index) - 1
+        return ("map", s, index - int(self.offsets[s]))
+
+
+class _ShardStream:
+    """Samples of shards role, role+R, ... of the per-epoch shard orders, through a shuffle buffer.
+
+    The buffer holds header references (shard, offsets), so skipping to a resume point reads no image bytes.
+    """
+
+    def __init__(self, shards, seed, role, num_roles, counters):
+        self.shards, self.seed, self.role, self.num_roles = shards, seed, role, num_roles
+        self.counters = counters
+        self.shard_position = role
+        self.pending = []  # samples of the current shard, reversed, not yet in the buffer
+        self.buffer = []
+        self.rng = random.Random(f"buffer-{seed}-{role}")
+        self._epoch, self._order = None, None
+
+    def _next_sample(self):
+        empty_in_a_row = 0
+        while not self.pending:
+            if empty_in_a_row > len(self.shards):
+                raise RuntimeError(f"none of the {len(self.shards)} shards has a readable sample any more")
+            empty_in_a_row += 1
+            epoch, i = divmod(self.shard_position, len(self.shards))
+            self.shard_position += self.num_roles
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.shards))
+            path = self.shards[int(self._order[i])]
+            samples, error = scan_shard(path)
+            if error:
+                self.counters["skipped"] += 1
+                print(f"data: shard {path} abandoned after {len(samples)} samples: {error}", file=sys.stderr,
+                      flush=True)
+            self.pending = [(path, key, members) for key, members in reversed(samples)]
+        return self.pending.pop()
+
+    def next(self):
+        # webdataset's warm-up: the buffer grows by one per sample taken until full, so batch 0 need not wait
+        for _ in range(2 if len(self.buffer) < SHUFFLE_BUFFER else 1):
+            self.buffer.append(self._next_sample())
+        i = self.rng.randrange(len(self.buffer))
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return ("tar",) + self.buffer.pop()
+
+    def skip(self, count):
+        for _ in range(count):
+            self.next()
+
+
+class _PretrainStream(torch.utils.data.IterableDataset):
+    """Yields finished batches. Everything after sample selection (decode, transform, tokenize, MLM masking,
+    ITM negatives) happens here, on the loader workers."""
+
+    def __init__(self, map_sources, shard_sources, tokenizer, *, image_size, batch_size, max_text_len, mlm_prob,
+                 itm_neg_prob, rank, world_size, seed, start_batch):
+        super().__init__()
+        self.map_sources = map_sources
+        self.shards = [p for s in shard_sources for p in s.shards]
+        map_len = sum(len(s) for s in map_sources)
+        shard_len = sum(s.estimated_len for s in shard_sources)
+        self.map_weight = map_len / (map_len + shard_len)
+        self.tokenizer, self.transform = tokenizer, pretrain_transform(image_size)
+        self.batch_size, self.max_text_len = batch_size, max_text_len
+        self.mlm_prob, self.itm_neg_prob = mlm_prob, itm_neg_prob
+        self.rank, self.world_size, self.seed, self.start_batch = rank, world_size, seed, start_batch
+        special = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+        special[tokenizer.special_ids] = True
+        self.is_special = special
+        self.random_token_ids = torch.nonzero(~special).flatten()  # MLM's random replacements are real words
+
+    # -- sample streams
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader reads worker 0 first; on a resume at batch k, worker 0 must play the role that owns batch k
+        role_in_rank = (self.start_batch + worker) % num_workers
+        role = self.rank * num_workers + role_in_rank
+        num_roles = self.world_size * num_workers
+        counters = {"skipped": 0}
+        streams = {}
+        if self.map_sources:
+            streams["map"] = _MapStream(self.map_sources, self.seed, role, num_roles)
+        if self.shards:
+            streams["tar"] = _ShardStream(self.shards, self.seed, role, num_roles, counters)
+        chooser = random.Random(f"mix-{self.seed}-{role}")
+        # slots this role filled before the resume point: its batches role_in_rank, +W, ... below start_batch
+        batches_before = max(0, -(-(self.start_batch - role_in_rank) // num_workers))
+        kinds = [self._choose(chooser) for _ in range(batches_before * self.batch_size)]
+        for kind, stream in streams.items():
+            stream.skip(kinds.count(kind))
+        counters["skipped"] = 0  # problems met while skipping were counted by the run that made those batches
+        batch_index = role_in_rank + batches_before * num_workers
+        open_files = OrderedDict()  # a few recently used shards, for reading the members the buffer hands out
+        while True:
+            refs = [streams[self._choose(chooser)].next() for _ in range(self.batch_size)]
+            batch = self._make_batch(refs, batch_index, streams, chooser, counters, open_files)
+            yield batch
+            batch_index += num_workers
+
+    def _choose(self, chooser):
+        if self.map_weight in (0.0, 1.0):
+            return "map" if self.map_weight == 1.0 else "tar"
+        return "map" if chooser.random() < self.map_weight else "tar"
+
+    # -- loading one sample; any failure means "bad sample", never a crash
+
+    def _load(self, ref, open_files):
+        if ref[0] == "map":
+            _, s, i = ref
+            img, caption, key = self.map_sources[s].load(i)
+        else:
+            _, path, key, members = ref
+            f = open_files.get(path)
+            if f is None:
+                f = open_files[path] = open(path, "rb")
+                if len(open_files) > MAX_OPEN_SHARDS:
+                    open_files.popitem(last=False)[1].close()
+            open_files.move_to_end(path)
+
+            def read(ext):
+                offset, size = members[ext]
+                f.seek(offset)
+                return f.read(size)
+            image_ext = next((e for e in _IMAGE_EXTS if e in members), None)
+            caption = read("txt").decode("utf-8", errors="replace") if "txt" in members else ""
+            if image_ext is None or not caption.strip():
+                return None
+            img, key = Image.open(io.BytesIO(read(image_ext))), f"{path}/{key}"
+        caption = caption.strip()
+        if not caption:
+            return None
+        return self.transform(img), caption, key
+
+    def _make_batch(self, refs, batch_index, streams, chooser, counters, open_files):
+        samples = []
+        for ref in refs:
+            try:
+                samples.append(self._load(ref, open_files))
+            except Exception:  # corrupt/missing image: any decoder error must not stop a run
+                samples.append(None)
+        skipped = sum(s is None for s in samples)
+        while skipped == len(samples):
+            # a batch with no usable sample at all borrows the next ones (the only case resume cannot replay)
+            ref = streams[self._choose(chooser)].next()
+            try:
+                samples[-1] = self._load(ref, open_files)
+            except Exception:
+                samples[-1] = None
+            skipped += samples[-1] is None
+        rng = random.Random(_seed_of("batch", self.seed, self.rank, batch_index))
+        good = [s for s in samples if s is not None]
+        # bad slots repeat a good sample of the same batch: batch shapes and the stream positions stay fixed,
+        # which is what makes a resumed run replay exactly
+        samples = [s if s is not None else rng.choice(good) for s in samples]
+        batch = self._collate(samples, rng)
+        batch["skipped"] = skipped + counters["skipped"]
+        counters["skipped"] = 0
+        return batch
+
+    # -- collate: tokenize, MLM masking, ITM negatives
+
+    def _collate(self, samples, rng):
+        images, captions, keys = zip(*samples)
+        text = self.tokenizer(list(captions), max_length=self.max_text_len, padding="max_length", truncation=True)
+        g = torch.Generator().manual_seed(rng.getrandbits(63))
+        mlm_input_ids, mlm_labels = mask_tokens(text["input_ids"], text["attention_mask"], self.is_special,
+                                                self.random_token_ids, self.tokenizer.mask_id, self.mlm_prob, g)
+        itm_image_index, itm_labels = itm_negatives(keys, captions, self.itm_neg_prob, g)
+        return {"pixel_values": torch.stack(images), "input_ids": text["input_ids"],
+                "attention_mask": text["attention_mask"], "mlm_input_ids": mlm_input_ids, "mlm_labels": mlm_labels,
+                "itm_image_index": itm_image_index, "itm_labels": itm_labels}
+
+
+def mask_tokens(input_ids, attention_mask, is_special, random_token_ids, mask_id, mlm_prob, generator):
+    """BERT masking: each non-special, non-pad token is chosen with mlm_prob; of those 80% -> <mask>,
+    10% -> a random non-special token, 10% kept. Labels are -100 where nothing is predicted."""
+    candidates = (attention_mask == 1) & ~is_special[input_ids]
+    chosen = (torch.rand(input_ids.shape, generator=generator) < mlm_prob) & candidates
+    if not chosen.any() and candidates.any():
+        # one predicted token, so the MLM loss of this batch is defined (not a 0/0 NaN)
+        flat = torch.nonzero(candidates.flatten()).flatten()
+        chosen.view(-1)[flat[torch.randint(len(flat), (1,), generator=generator)]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    u = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (u < 0.8)
+    to_random = chosen & (u >= 0.8) & (u < 0.9)
+    random_ids = random_token_ids[torch.randint(len(random_token_ids), input_ids.shape, generator=generator)]
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def itm_negatives(image_keys, captions, neg_prob, generator):
+    """round(B * neg_prob) rows get the image of a uniformly random other row (label 0); the rest keep their own.
+
+    A row is only a negative for another image *and* another caption: two COCO captions of one image, or two
+    synthetic scenes with the same description, would otherwise be "negatives" that actually match.
+    """
+    b = len(image_keys)
+    index = torch.arange(b)
+    labels = torch.ones(b, dtype=torch.long)
+    for i in torch.randperm(b, generator=generator)[:round(b * neg_prob)].tolist():
+        others = [j for j in range(b) if image_keys[j] != image_keys[i] and captions[j] != captions[i]]
+        if others:
+            index[i] = others[int(torch.randint(len(others), (1,), generator=generator))]
+            labels[i] = 0
+    return index, labels
+
+
+class PretrainLoader:
+    """Infinite iterator over pre-training batches; batch_index is the index of the next batch (save it to resume)."""
+
+    def __init__(self, dataset, num_workers, start_batch):
+        self.batch_index = start_batch
+        # batch_size=None: the workers already yield whole batches; pinned memory speeds the host-to-GPU copy
+        self.dataloader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if num_workers > 0 else None)
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = iter(self.dataloader)
+        batch = next(self._it)
+        self.batch_index += 1
+        return batch
+
+
+def build_pretrain_loader(sources="synthetic", tokenizer=None, *, split="train", image_size=288, batch_size=32,
+                          max_text_len=50, mlm_prob=0.15, itm_neg_prob=0.5, rank=0, world_size=1, num_workers=0,
+                          seed=0, start_batch=0):
+    """Infinite MLM + ITM batches (see the block comment above for how streams, ranks and resume work).
+
+    All paths are checked here, before training starts: a missing file or an empty source raises, naming it.
+    """
+    if tokenizer is None:
+        raise ValueError("build_pretrain_loader needs a tokenizer (e.g. demo_tokenizer())")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    map_sources, shard_sources = parse_sources(sources, split, image_size)
+    num_roles = world_size * max(1, num_workers)
+    shard_count = sum(len(s.shards) for s in shard_sources)
+    if shard_count and shard_count < num_roles:
+        print(f"data: {shard_count} shards for {num_roles} rank x worker streams: some streams share shards",
+              file=sys.stderr)
+    # forked workers cannot use the tokenizers thread pool; saying so up front silences its fork warning
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dataset = _PretrainStream(map_sources, shard_sources, tokenizer, image_size=image_size, batch_size=batch_size,
+                              max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob, rank=rank,
+                              world_size=world_size, seed=seed, start_batch=start_batch)
+    return PretrainLoader(dataset, num_workers, start_batch)
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: python data.py --bench [sources] [--image_size=288] [--batch_size=32] [--batches=10]
+
+def write_demo_shards(out_dir, num_shards=2, per_shard=64, image_hw=(480, 640), seed=0):
+    """JPEG tar shards in img2dataset's layout (COCO-like 640x480 photos of synthetic scenes)."""
+    rng = random.Random(seed)
+    paths = []
+    for s in range(num_shards):
+        path = os.path.join(out_dir, f"{s:05d}.tar")
+        with tarfile.open(path, "w") as tf:
+            for i in range(per_shard):
+                img, objects = make_scene(rng, 128)
+                img = img.resize(image_hw[::-1], Image.BICUBIC)
+                noise = np.random.default_rng(s * per_shard + i).integers(-12, 13, (*image_hw, 3))
+                img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                key = f"{s:05d}{i:04d}"
+                for name, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.txt", scene_caption(objects, rng).encode()),
+                                   (f"{key}.json", json.dumps({"key": key}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+def _bench(argv):
+    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    image_size, batch_size, batches = int(args.get("image_size", 288)), int(args.get("batch_size", 32)), int(args.get("batches", 10))
+    extra = [a for a in argv if not a.startswith("--")]
+    torch.set_num_threads(1)  # a loader worker is one process with one thread
+    tokenizer = demo_tokenizer(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as tmp:
+        write_demo_shards(tmp, num_shards=2, per_shard=max(64, batch_size * (batches + 2) // 2))
+        specs = ["synthetic", f"wds:{tmp}/{{00000..00001}}.tar"] + extra
+        print(f"images/s of ONE loader worker (decode + transform + collate), image_size {image_size}, batch {batch_size}")
+        for spec in specs:
+            loader = build_pretrain_loader(spec, tokenizer, image_size=image_size, batch_size=batch_size, num_workers=0)
+            next(loader)  # warm-up: shard header scan, shuffle buffer fill
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(loader)
+            dt = time.perf_counter() - t0
+            print(f"  {spec[:60]:<60} {batches * batch_size / dt:8.1f} images/s")
+
+
+if __name__ == "__main__":
+    if "--bench" in sys.argv:
+        _bench([a for a in sys.argv[1:] if a != "--bench"])
+    else:
+        print(__doc__)
