@@ -232,7 +232,8 @@ class ImageProcessor:
             new_h, new_w = scale * new_h, scale * new_w
         new_h, new_w = int(new_h + 0.5), int(new_w + 0.5)
         d = self.size_divisor
-        return new_w // d * d, new_h // d * d
+        # HF raises on a side floored to 0 (aspect beyond 1333/800 at small sizes); keep one divisor instead
+        return max(d, new_w // d * d), max(d, new_h // d * d)
 
     def process(self, img):
         img = to_rgb(img)
@@ -397,7 +398,10 @@ def _place_objects(rng, size, max_tries=100):
             dx, dy = abs((c0[0] + c0[2]) - (bbox[0] + bbox[2])) / 2, abs((c0[1] + c0[3]) - (bbox[1] + bbox[3])) / 2
             if abs(dx - dy) < 0.15 * size:
                 continue
-        objects.append(dict(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), size=obj_size, bbox=bbox))
+        # distinct (colour, shape) pairs, so "the red circle" names one object in captions and questions
+        shape, color = rng.choice([(s, c) for s in SHAPES for c in COLORS
+                                   if not any(o["shape"] == s and o["color"] == c for o in objects)])
+        objects.append(dict(shape=shape, color=color, size=obj_size, bbox=bbox))
     return objects
 
 
