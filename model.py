@@ -1,0 +1,1002 @@
+"""
+BridgeTower (Xu et al., AAAI 2023) in one file: a RoBERTa text encoder and a CLIP ViT image encoder whose
+top layers feed, through "bridge" layers, a cross-modal encoder of two BERT-style streams.
+
+Read top to bottom:
+  1. BridgeTowerConfig           every number that changes the math, with presets tiny / base / large
+  2. attention, add_layer_norm   the two hot spots; both go through bridge_kernels' dispatcher (Triton on CUDA)
+  3. modules                     RoBERTa, CLIP ViT, cross layers, bridges, heads; named after the Hugging Face
+                                 keys, so that an HF checkpoint loads by stripping the `bridgetower.` prefix
+  4. BridgeTower                 the forward schedule and the heads (MLM, ITM, ITC, VQA)
+  5. checkpoints                 HF directories, original Lightning .ckpt, RoBERTa / CLIP initialisation,
+                                 save_pretrained in the HF layout
+
+The math follows transformers' BridgeTowerModel (the parity target, see tests/test_model.py) and the original
+microsoft/BridgeTower code where HF has no equivalent (VQA head, eps 1e-12 of the original cross layers).
+"""
+
+import json
+import math
+import os
+import pickle
+from dataclasses import dataclass, field, fields, asdict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bridge_kernels import bridge_add_layer_norm, bridge_attention
+
+# -----------------------------------------------------------------------------
+# 1. Configuration
+
+HEADS = ("mlm", "itm", "itc", "vqa")
+LINK_TOWER_TYPES = ("add", "scaled_add", "interpolate")
+
+
+@dataclass
+class BridgeTowerConfig:
+    # text encoder (RoBERTa). As in HF, its sizes also build the cross-modal layers.
+    vocab_size: int = 50265               # BPE vocabulary of the tokenizer (RoBERTa: 50265)
+    max_position_embeddings: int = 514    # RoBERTa position table: 512 tokens + 2 (positions start at pad_token_id+1)
+    pad_token_id: int = 1                 # RoBERTa <pad>: padded tokens get position pad_token_id, others count up from it
+    hidden_size: int = 768                # width of the text encoder and of both cross-modal streams
+    num_heads: int = 12                   # attention heads of the text and cross-modal layers
+    intermediate_size: int = 3072         # FFN width of the text and cross-modal layers
+    text_layers: int = 12                 # RoBERTa layers; the top `cross_layers` of them are bridged
+    # image encoder (CLIP ViT); its heads are vision_width // 64, as CLIP fixes them
+    vision_width: int = 768               # CLIP transformer width
+    vision_layers: int = 12               # CLIP residual blocks; block i runs beside text layer i, blocks >= text_layers never run
+    patch_size: int = 16                  # patch side = conv kernel = stride
+    image_size: int = 288                 # square input side; (image_size / patch_size)^2 + 1 image tokens
+    # cross-modal encoder
+    cross_layers: int = 6                 # layers per stream, each fed by one uni-modal layer (the top cross_layers ones)
+    link_tower_type: str = "add"          # bridge: "add" LN(h + c), "scaled_add" LN(s*h + c), "interpolate" LN((1-b)*h + b*c)
+    share_cross_modal_transform: bool = True  # one text and one image input projection for all cross layers (HF share_cross_modal_transformer_layers)
+    layer_norm_eps: float = 1e-5          # text encoder, CLIP, first cross inputs, bridges, VQA head
+    cross_layer_norm_eps: float = 1e-5    # cross-modal layers and MLM transform: HF uses 1e-5, the original code 1e-12
+    hidden_dropout: float = 0.1           # after the text embeddings and every dense sub-layer of text and cross layers (CLIP has none)
+    attention_dropout: float = 0.1        # on the attention probabilities of text and cross layers
+    # heads
+    heads: tuple = ("mlm", "itm")         # heads built: any of "mlm", "itm", "itc", "vqa"
+    num_vqa_answers: int = 3129           # VQA answer vocabulary (VQAv2: answers seen >= 9 times)
+    contrastive_hidden_size: int = 512    # ITC embedding size
+    logit_scale_init: float = 2.6592      # ITC: initial log inverse temperature, exp(2.6592) = 1/0.07
+    # runtime
+    kernels: str = "auto"                 # "auto" | "triton" | "torch"; env BRIDGETOWER_KERNELS wins (see bridge_kernels.backend)
+
+    def __post_init__(self):
+        self.heads = tuple(self.heads)  # a list when read back from JSON
+        problems = []
+        if not set(self.heads) <= set(HEADS):
+            problems.append(f"heads {self.heads} not a subset of {HEADS}")
+        if self.link_tower_type not in LINK_TOWER_TYPES:
+            problems.append(f"link_tower_type {self.link_tower_type!r} not one of {LINK_TOWER_TYPES}")
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} not a multiple of num_heads {self.num_heads}")
+        if self.vision_width % 64:
+            problems.append(f"vision_width {self.vision_width} not a multiple of 64 (CLIP heads have width 64)")
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} not a multiple of patch_size {self.patch_size}")
+        if not 1 <= self.cross_layers <= self.text_layers <= self.vision_layers:
+            problems.append(f"need 1 <= cross_layers ({self.cross_layers}) <= text_layers ({self.text_layers}) "
+                            f"<= vision_layers ({self.vision_layers})")
+        if "itc" in self.heads and not self.share_cross_modal_transform:
+            # HF's ITC image embedding goes through the shared image transform; HF crashes without one
+            problems.append("the itc head needs share_cross_modal_transform=True")
+        if self.kernels not in ("auto", "triton", "torch"):
+            problems.append(f"kernels {self.kernels!r} not one of auto, triton, torch")
+        if problems:
+            raise ValueError("BridgeTowerConfig: " + "; ".join(problems))
+
+    @property
+    def vision_heads(self):
+        return self.vision_width // 64
+
+    @property
+    def image_grid(self):
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """tiny (tests and demos), base (RoBERTa-base + CLIP ViT-B/16, 288 px), large (RoBERTa-large + ViT-L/14, 294 px)."""
+        presets = {
+            "tiny": dict(hidden_size=128, num_heads=4, intermediate_size=256, text_layers=4, vision_width=128,
+                         vision_layers=4, cross_layers=2, patch_size=16, image_size=64),
+            "base": dict(),
+            "large": dict(hidden_size=1024, num_heads=16, intermediate_size=4096, text_layers=24, vision_width=1024,
+                          vision_layers=24, patch_size=14, image_size=294),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# 2. The two functions every layer goes through. bridge_kernels decides Triton (CUDA) or PyTorch:
+#    its torch path is F.scaled_dot_product_attention with a boolean key mask, and F.layer_norm(h + c).
+
+def attention(q, k, v, key_mask=None, dropout_p=0.0, kernels="auto"):
+    """softmax(q k^T / sqrt(d)) v for q (B,H,Lq,d), k/v (B,H,Lk,d). key_mask (B,Lk) bool, True = attend, or None
+    when nothing is padded. Masked keys get probability 0, as HF's additive finfo.min mask gives."""
+    return bridge_attention(q, k, v, key_mask, dropout_p, requested=kernels)
+
+
+def add_layer_norm(h, c, norm, link_type="add", scalar=None, kernels="auto"):
+    """norm(h + c), norm(s*h + c) or norm((1-s)*h + s*c): the post-LN residuals of text and cross layers
+    (h = sub-layer output, c = residual) and the bridges (h = uni-modal input, c = cross-modal output)."""
+    return bridge_add_layer_norm(h, c, norm.weight, norm.bias, norm.eps, link_type, scalar, requested=kernels)
+
+
+def split_heads(x, num_heads):
+    B, L, D = x.shape
+    return x.view(B, L, num_heads, D // num_heads).transpose(1, 2)
+
+
+def merge_heads(x):
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)
+
+
+# -----------------------------------------------------------------------------
+# 3. Modules. Class names are ours; attribute names are the HF keys.
+
+class TextEmbeddings(nn.Module):
+    """RoBERTa embeddings: word + token type 0 + position, LayerNorm, dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        H = config.hidden_size
+        self.pad_token_id = config.pad_token_id
+        self.word_embeddings = nn.Embedding(config.vocab_size, H, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, H, padding_idx=config.pad_token_id)
+        self.token_type_embeddings = nn.Embedding(1, H)  # one row: RoBERTa has no segments
+        self.LayerNorm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.dropout = config.hidden_dropout
+
+    def forward(self, input_ids):
+        # RoBERTa (fairseq) positions: real tokens count up from pad+1, pads sit at pad, mid-sequence pads do
+        # not advance the count
+        real = input_ids.ne(self.pad_token_id).long()
+        positions = torch.cumsum(real, dim=1) * real + self.pad_token_id
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        x = self.LayerNorm(x + self.position_embeddings(positions))
+        return F.dropout(x, self.dropout, self.training)
+
+
+class MultiHeadAttention(nn.Module):
+    """BERT attention projections (HF `attention.self` / `crossattention.self`): queries from x, keys and
+    values from `other` (x itself for self-attention). Three separate matmuls: packing q/k/v into one matmul
+    was measured no faster on CPU at these sizes (and a cat of the weights per call costs more)."""
+
+    def __init__(self, config):
+        super().__init__()
+        H = config.hidden_size
+        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
+        self.num_heads = config.num_heads
+        self.dropout = config.attention_dropout
+        self.kernels = config.kernels
+
+    def forward(self, x, other, key_mask):
+        q = split_heads(self.query(x), self.num_heads)
+        k = split_heads(self.key(other), self.num_heads)
+        v = split_heads(self.value(other), self.num_heads)
+        p = self.dropout if self.training else 0.0
+        return merge_heads(attention(q, k, v, key_mask, p, self.kernels))
+
+
+class DenseAddNorm(nn.Module):
+    """BERT post-LN output of a sub-layer: LayerNorm(dropout(dense(h)) + residual).
+    HF `attention.output`, `crossattention.output` and `output`."""
+
+    def __init__(self, config, in_features, eps):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.dropout = config.hidden_dropout
+        self.kernels = config.kernels
+
+    def forward(self, h, residual):
+        h = F.dropout(self.dense(h), self.dropout, self.training)
+        return add_layer_norm(h, residual, self.LayerNorm, kernels=self.kernels)
+
+
+class Attention(nn.Module):
+    """HF `attention` / `crossattention`: multi-head attention, then its post-LN output."""
+
+    def __init__(self, config, eps):
+        super().__init__()
+        self.self = MultiHeadAttention(config)
+        self.output = DenseAddNorm(config, config.hidden_size, eps)
+
+    def forward(self, x, other, key_mask):
+        return self.output(self.self(x, other, key_mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))  # exact (erf) GELU, as RoBERTa and BERT
+
+
+class TextLayer(nn.Module):
+    """RoBERTa layer (post-LN): self-attention, FFN."""
+
+    def __init__(self, config, eps):
+        super().__init__()
+        self.attention = Attention(config, eps)
+        self.intermediate = Intermediate(config)
+        self.output = DenseAddNorm(config, config.intermediate_size, eps)
+
+    def forward(self, x, key_mask):
+        a = self.attention(x, x, key_mask)
+        return self.output(self.intermediate(a), a)
+
+
+class CrossLayer(TextLayer):
+    """Cross-modal layer (HF BridgeTowerBertCrossLayer): self-attention over its own stream, cross-attention
+    from it to the other stream, FFN; all post-LN. self_mask masks its own keys, other_mask the other's."""
+
+    def __init__(self, config):
+        super().__init__(config, config.cross_layer_norm_eps)
+        self.crossattention = Attention(config, config.cross_layer_norm_eps)
+
+    def forward(self, x, other, self_mask, other_mask):
+        a = self.attention(x, x, self_mask)
+        c = self.crossattention(a, other, other_mask)
+        return self.output(self.intermediate(c), c)
+
+
+class VisionEmbeddings(nn.Module):
+    """CLIP: bias-free patch conv, class token, learned positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        W, P = config.vision_width, config.patch_size
+        self.image_size = config.image_size
+        self.class_embedding = nn.Parameter(torch.zeros(W))
+        self.patch_embedding = nn.Conv2d(3, W, kernel_size=P, stride=P, bias=False)
+        self.position_embedding = nn.Embedding(config.image_grid ** 2 + 1, W)
+
+    def forward(self, pixel_values):
+        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the model takes "
+                             f"{self.image_size}x{self.image_size}; load it with image_size=... to resize its position table")
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+
+
+class PackedAttention(nn.Module):
+    """CLIP self-attention with nn.MultiheadAttention's parameter names (packed q,k,v `in_proj_weight`), run
+    batch-first, so no sequence-first permutes."""
+
+    def __init__(self, width, kernels):
+        super().__init__()
+        self.num_heads = width // 64
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        self.kernels = kernels
+
+    def forward(self, x):
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(B, L, 3, self.num_heads, W // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.out_proj(merge_heads(attention(q, k, v, None, 0.0, self.kernels)))  # images are never masked
+
+
+class MLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        return self.c_proj(h * torch.sigmoid(1.702 * h))  # CLIP's quick_gelu
+
+
+class ResidualAttentionBlock(nn.Module):
+    """CLIP block (pre-LN, no dropout)."""
+
+    def __init__(self, config):
+        super().__init__()
+        W, eps = config.vision_width, config.layer_norm_eps
+        self.attn = PackedAttention(W, config.kernels)
+        self.ln_1 = nn.LayerNorm(W, eps=eps)
+        self.mlp = MLP(W)
+        self.ln_2 = nn.LayerNorm(W, eps=eps)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    """HF `vision_model.visual`. ln_post is shared by every block output that feeds a bridge."""
+
+    def __init__(self, config):
+        super().__init__()
+        W, eps = config.vision_width, config.layer_norm_eps
+        self.embeddings = VisionEmbeddings(config)
+        self.ln_pre = nn.LayerNorm(W, eps=eps)
+        self.transformer = nn.ModuleDict(dict(
+            resblocks=nn.ModuleList([ResidualAttentionBlock(config) for _ in range(config.vision_layers)])))
+        self.ln_post = nn.LayerNorm(W, eps=eps)
+
+
+class LinkTower(nn.Module):
+    """Bridge layer: LayerNorm of (uni-modal input h, previous cross-modal output c) combined per link_tower_type."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.link_type = config.link_tower_type
+        self.kernels = config.kernels
+        if self.link_type == "scaled_add":
+            self.scaled_factor = nn.Parameter(torch.tensor(1.0))
+        elif self.link_type == "interpolate":
+            self.beta = nn.Parameter(torch.tensor(0.5))
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, h, c):
+        scalar = {"add": None, "scaled_add": getattr(self, "scaled_factor", None),
+                  "interpolate": getattr(self, "beta", None)}[self.link_type]
+        return add_layer_norm(h, c, self.LayerNorm, self.link_type, scalar, self.kernels)
+
+
+class Pooler(nn.Module):
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x[:, 0]))
+
+
+class MLMHead(nn.Module):
+    """HF `mlm_score`: dense, GELU, LayerNorm, decoder (not tied to the word embeddings) + separate bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        H = config.hidden_size
+        self.transform = nn.ModuleDict(dict(dense=nn.Linear(H, H),
+                                            LayerNorm=nn.LayerNorm(H, eps=config.cross_layer_norm_eps)))
+        self.decoder = nn.Linear(H, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x):
+        x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        return self.decoder(x) + self.bias
+
+
+class LinearHead(nn.Module):
+    """One Linear under the name `fc` (HF's ITM and ITC heads)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.fc = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def vqa_classifier(config):
+    """The original VQA head (task_head_layers=2, head_hidden_scale=2): keys vqa_classifier.{0,1,3}."""
+    H2 = 2 * config.hidden_size
+    return nn.Sequential(nn.Linear(H2, 2 * H2), nn.LayerNorm(2 * H2, eps=config.layer_norm_eps), nn.GELU(),
+                         nn.Linear(2 * H2, config.num_vqa_answers))
+
+
+def contrastive_loss(text_embeds, image_embeds, cross_embeds, logit_scale):
+    """HF BridgeTowerForContrastiveLearning's loss: the mean of three one-directional (row-wise) cross-entropies,
+    text->image, text->cross, image->cross, over exp(logit_scale)-scaled cosine similarities; pair i matches i.
+    logit_scale is the model's parameter (a log), the embeddings are L2-normalised (B, 512)."""
+    scale = logit_scale.exp()
+    labels = torch.arange(text_embeds.shape[0], device=text_embeds.device)
+    pairs = ((text_embeds, image_embeds), (text_embeds, cross_embeds), (image_embeds, cross_embeds))
+    return sum(F.cross_entropy(a @ b.t() * scale, labels) for a, b in pairs) / 3.0
+
+
+@dataclass
+class BridgeTowerOutput:
+    text_features: torch.Tensor                    # (B, T, H) output of the last text-side cross layer
+    image_features: Optional[torch.Tensor] = None  # (B, L, H) last image-side cross layer; None when only "mlm" ran
+    pooler_output: Optional[torch.Tensor] = None   # (B, 2H) [tanh(text CLS) | tanh(image CLS)]; None when only "mlm" ran
+    mlm_logits: Optional[torch.Tensor] = None      # (B, T, V), or (N, V) at mlm_positions
+    itm_logits: Optional[torch.Tensor] = None      # (B, 2), class 1 = match
+    text_embeds: Optional[torch.Tensor] = None     # (B, 512) ITC, L2-normalised
+    image_embeds: Optional[torch.Tensor] = None    # (B, 512) ITC
+    cross_embeds: Optional[torch.Tensor] = None    # (B, 512) ITC
+    vqa_logits: Optional[torch.Tensor] = None      # (B, num_vqa_answers)
+
+
+# -----------------------------------------------------------------------------
+# 4. The model
+
+class BridgeTower(nn.Module):
+
+    def __init__(self, config: BridgeTowerConfig):
+        super().__init__()
+        self.config = c = config
+        H, N = c.hidden_size, c.cross_layers
+        # The RoBERTa pooler is not built: BridgeTower never uses it (it would get no gradient, which DDP rejects).
+        # save_pretrained writes it as zeros so that HF classes load our files without missing keys.
+        self.text_model = nn.ModuleDict(dict(
+            embeddings=TextEmbeddings(c),
+            encoder=nn.ModuleDict(dict(layer=nn.ModuleList(
+                [TextLayer(c, c.layer_norm_eps) for _ in range(c.text_layers)])))))
+        self.vision_model = nn.ModuleDict(dict(visual=VisionTransformer(c)))
+
+        def transforms(in_features):
+            if c.share_cross_modal_transform:
+                return nn.Linear(in_features, H)
+            return nn.ModuleList([nn.Linear(in_features, H) for _ in range(N)])
+        self.cross_modal_text_transform = transforms(H)
+        self.cross_modal_image_transform = transforms(c.vision_width)
+        self.token_type_embeddings = nn.Embedding(2, H)  # modality type: row 0 text, row 1 image
+        self.cross_modal_text_layernorm = nn.LayerNorm(H, eps=c.layer_norm_eps)
+        self.cross_modal_image_layernorm = nn.LayerNorm(H, eps=c.layer_norm_eps)
+        self.cross_modal_text_layers = nn.ModuleList([CrossLayer(c) for _ in range(N)])
+        self.cross_modal_image_layers = nn.ModuleList([CrossLayer(c) for _ in range(N)])
+        self.cross_modal_text_link_tower = nn.ModuleList([LinkTower(c) for _ in range(N - 1)])
+        self.cross_modal_image_link_tower = nn.ModuleList([LinkTower(c) for _ in range(N - 1)])
+        self.cross_modal_text_pooler = Pooler(H)
+        self.cross_modal_image_pooler = Pooler(H)
+
+        if "mlm" in c.heads:
+            self.mlm_score = MLMHead(c)
+        if "itm" in c.heads:
+            self.itm_score = LinearHead(2 * H, 2)
+        if "itc" in c.heads:
+            self.itc_text_head = LinearHead(H, c.contrastive_hidden_size)
+            self.itc_image_head = LinearHead(H, c.contrastive_hidden_size)
+            self.itc_cross_modal_head = LinearHead(2 * H, c.contrastive_hidden_size)
+            self.logit_scale = nn.Parameter(torch.tensor(c.logit_scale_init))
+        if "vqa" in c.heads:
+            self.vqa_classifier = vqa_classifier(c)
+        self.apply(_init_weights)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, heads=None, mlm_positions=None):
+        """input_ids (B,T), attention_mask (B,T) 1 = token 0 = pad (default all ones), pixel_values (B,3,S,S).
+        heads=None computes every built head and all features. An explicit heads=(...) computes only what those
+        heads need: with heads=("mlm",) the last image-side cross layer and the poolers are skipped (MLM reads
+        only the text stream), so image_features and pooler_output are None.
+        mlm_positions (B,T) bool: compute MLM logits only there, (N,V) in row-major order (training labels
+        cover ~15% of tokens, and the vocabulary projection is the largest matmul of the head)."""
+        mlm_only = heads is not None and tuple(heads) == ("mlm",)
+        heads = self.config.heads if heads is None else tuple(heads)
+        if not set(heads) <= set(self.config.heads):
+            raise ValueError(f"heads {heads} requested, but the model has only {self.config.heads}")
+        if pixel_values is None:
+            raise ValueError("BridgeTower needs pixel_values")
+        key_mask = None  # no mask at all when nothing is padded: the fastest attention path
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = attention_mask.bool()
+
+        t, v, ct, ci, image_input = self._encode(input_ids, pixel_values, key_mask, skip_last_image_layer=mlm_only)
+        out = BridgeTowerOutput(text_features=ct, image_features=ci)
+        if not mlm_only:
+            out.pooler_output = torch.cat([self.cross_modal_text_pooler(ct), self.cross_modal_image_pooler(ci)], -1)
+        if "mlm" in heads:
+            out.mlm_logits = self.mlm_score(ct if mlm_positions is None else ct[mlm_positions])
+        if "itm" in heads:
+            out.itm_logits = self.itm_score(out.pooler_output)
+        if "itc" in heads:
+            # HF: CLS of the last uni-modal text layer; CLS of the last image block after ln_post, the (shared)
+            # image transform and the image type embedding, which is exactly the last bridge's image input
+            out.text_embeds = F.normalize(self.itc_text_head(t[:, 0]), dim=-1)
+            out.image_embeds = F.normalize(self.itc_image_head(image_input[:, 0]), dim=-1)
+            out.cross_embeds = F.normalize(self.itc_cross_modal_head(out.pooler_output), dim=-1)
+        if "vqa" in heads:
+            out.vqa_logits = self.vqa_classifier(out.pooler_output)
+        return out
+
+    def _encode(self, input_ids, pixel_values, key_mask, skip_last_image_layer=False):
+        """The BridgeTower schedule. Text layer i and image block i run in lock-step; the top N of them each feed
+        one cross layer: layer 0 through the first-layer LayerNorms, layers 1..N-1 through the bridges.
+        Both streams of cross layer k attend to the *inputs* of the other stream at layer k."""
+        c = self.config
+        text_layers = self.text_model.encoder.layer
+        blocks = self.vision_model.visual.transformer.resblocks
+        ln_post = self.vision_model.visual.ln_post
+        text_type, image_type = self.token_type_embeddings.weight
+
+        t = self.text_model.embeddings(input_ids)
+        v = self.vision_model.visual.ln_pre(self.vision_model.visual.embeddings(pixel_values))
+        first_bridged = c.text_layers - c.cross_layers
+        for i in range(first_bridged):
+            t, v = text_layers[i](t, key_mask), blocks[i](v)
+        for k in range(c.cross_layers):
+            i = first_bridged + k
+            t, v = text_layers[i](t, key_mask), blocks[i](v)
+            text_input = self._transform(self.cross_modal_text_transform, k, t) + text_type
+            image_input = self._transform(self.cross_modal_image_transform, k, ln_post(v)) + image_type
+            if k == 0:
+                xt, xi = self.cross_modal_text_layernorm(text_input), self.cross_modal_image_layernorm(image_input)
+            else:
+                xt = self.cross_modal_text_link_tower[k - 1](text_input, ct)
+                xi = self.cross_modal_image_link_tower[k - 1](image_input, ci)
+            ct = self.cross_modal_text_layers[k](xt, xi, key_mask, None)  # text keys masked, image keys never
+            if skip_last_image_layer and k == c.cross_layers - 1:
+                ci = None
+            else:
+                ci = self.cross_modal_image_layers[k](xi, xt, None, key_mask)
+        return t, v, ct, ci, image_input
+
+    @staticmethod
+    def _transform(transform, k, x):
+        return transform(x) if isinstance(transform, nn.Linear) else transform[k](x)
+
+    @classmethod
+    def from_pretrained(cls, path, **config_overrides):
+        """A BridgeTower checkpoint: an HF directory (config.json + model.safetensors or pytorch_model.bin, any of
+        BridgeTowerModel / ForMaskedLM / ForImageAndTextRetrieval / ForContrastiveLearning, or one written by
+        save_pretrained), or an original Lightning .ckpt (config inferred from the tensor shapes).
+        config_overrides replace config fields, e.g. image_size=576 (the position table is resized bicubically)
+        or heads=("vqa",) (a requested head absent from the file is freshly initialised, a head in the file that
+        is not requested is dropped; both are reported). Returns the model in train mode, like any nn.Module."""
+        if os.path.isdir(path):
+            state, config_kwargs, source, notes = read_hf_checkpoint(path)
+        else:
+            state, config_kwargs, source, notes = read_original_checkpoint(path)
+        found_heads = tuple(h for h in HEADS if any(head_of(k) == h for k in state))
+        config_kwargs.update(head_sizes(state), heads=found_heads)
+        config = BridgeTowerConfig(**{**config_kwargs, **config_overrides})
+        model = cls(config)
+        notes += model._load_checkpoint(state, source, found_heads)
+        print(f"{source}: loaded" + "".join(f"\n  {note}" for note in notes))
+        return model
+
+    @classmethod
+    def from_unimodal(cls, config, text_path=None, vision_path=None):
+        """A new model for pre-training whose text encoder comes from an HF RobertaModel / RobertaForMaskedLM
+        directory and whose image encoder comes from CLIP: an HF CLIPModel / CLIPVisionModel directory or
+        OpenAI's TorchScript archive (ViT-B-16.pt). The CLIP position table is resized to config.image_size."""
+        model = cls(config)
+        if text_path is not None:
+            state, source, notes = read_roberta(text_path, config)
+            notes += model._load_part(state, "text_model.", source)
+            print(f"{source}: loaded the text encoder" + "".join(f"\n  {note}" for note in notes))
+        if vision_path is not None:
+            state, source, notes = read_clip(vision_path, config)
+            notes += model._load_part(state, "vision_model.visual.", source)
+            print(f"{source}: loaded the image encoder" + "".join(f"\n  {note}" for note in notes))
+        return model
+
+    def save_pretrained(self, directory):
+        """model.safetensors + config.json in the HF layout: body under `bridgetower.`, heads at the top (the VQA
+        head too, which transformers ignores). transformers' BridgeTowerForMaskedLM / ForImageAndTextRetrieval /
+        ForContrastiveLearning load it without missing keys (the unused RoBERTa pooler is written as zeros).
+        HF has a single text eps for the text and cross layers: with cross_layer_norm_eps != layer_norm_eps
+        (original checkpoints, 1e-12) transformers runs the cross layers with layer_norm_eps; we read our
+        extra config field back."""
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        state = {(k if head_of(k) else "bridgetower." + k): v.detach().to("cpu").contiguous()
+                 for k, v in self.state_dict().items()}
+        H = self.config.hidden_size
+        state["bridgetower.text_model.pooler.dense.weight"] = torch.zeros(H, H)
+        state["bridgetower.text_model.pooler.dense.bias"] = torch.zeros(H)
+        save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config), f, indent=2)
+
+    def _load_checkpoint(self, state, source, found_heads):
+        """Load a whole-model state (HF key names without `bridgetower.`). Returns report lines."""
+        notes = []
+        for head in found_heads:
+            if head not in self.config.heads:
+                state = {k: v for k, v in state.items() if head_of(k) != head}
+                notes.append(f"head {head}: in the checkpoint, not requested: dropped")
+        fresh = [h for h in self.config.heads if h not in found_heads]
+        notes += [f"head {h}: not in the checkpoint: freshly initialised" for h in fresh]
+        state, resized = resize_position_table_in(state, self.config)
+        check_state(self.state_dict(), state, source, may_miss=lambda k: head_of(k) in fresh)
+        self.load_state_dict(state, strict=False)  # strictness checked just above, fresh heads aside
+        return notes + resized
+
+    def _load_part(self, state, prefix, source):
+        """Load the parameters under prefix (one encoder), all of them, nothing else."""
+        state, resized = resize_position_table_in(state, self.config)
+        expected = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
+        check_state(expected, state, source)
+        self.load_state_dict(state, strict=False)  # the other parameters keep their initialisation
+        return resized
+
+
+def _init_weights(module):
+    """The original's init for new modules: N(0, 0.02) weights, zero biases, LayerNorm 1/0.
+    (Real training starts from RoBERTa + CLIP weights or a BridgeTower checkpoint.)"""
+    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, PackedAttention):
+        nn.init.normal_(module.in_proj_weight, std=0.02)
+        nn.init.zeros_(module.in_proj_bias)
+    elif isinstance(module, VisionEmbeddings):
+        nn.init.normal_(module.class_embedding, std=0.02)
+
+
+# -----------------------------------------------------------------------------
+# 5. Checkpoints. One key mapping per format, into the HF names of our parameters (without `bridgetower.`).
+#    Whatever is neither mapped nor listed as ignored below is an error that names the file and the keys.
+
+class CheckpointError(ValueError):
+    pass
+
+
+# Keys deliberately not loaded, per format (fnmatch patterns on the mapped names) -> why.
+IGNORED_HF = {
+    "text_model.pooler.*": "RoBERTa pooler, never used by BridgeTower (save_pretrained writes zeros)",
+    "*.position_ids": "index buffer saved by older transformers",
+    "*.token_type_ids": "index buffer saved by older transformers",
+    "vision_model.visual.ln_separate.*": "HF share_layernorm=False LayerNorms, never used by HF's forward",
+}
+IGNORED_ORIGINAL = {  # original names; IGNORED_HF applies after the renaming
+    "vit_model.positional_embedding": "CLIP text-tower leftover in the original ViT module",
+    "vit_model.ln_final.*": "CLIP text-tower leftover in the original ViT module",
+    "temperature": "the original ITC temperature (its ITC differs from HF's and is not implemented)",
+}
+# Original heads not implemented here: dropped with a report (the original ITC pools differently from HF's).
+ORIGINAL_ONLY_HEADS = ("nlvr2_classifier", "snli_classifier", "rank_output", "itc_text_head", "itc_image_head")
+IGNORED_ROBERTA = {
+    "lm_head.*": "RoBERTa's LM head (BridgeTower trains its own MLM head)",
+    "pooler.*": "RoBERTa pooler, never used by BridgeTower",
+    "*.position_ids": "index buffer",
+    "*.token_type_ids": "index buffer",
+}
+IGNORED_HF_CLIP = {
+    "text_model.*": "CLIP text tower",
+    "text_projection.*": "CLIP text projection",
+    "visual_projection.*": "CLIP image projection (BridgeTower bridges the block outputs)",
+    "logit_scale": "CLIP temperature",
+    "*.position_ids": "index buffer",
+}
+IGNORED_OPENAI_CLIP = {
+    "visual.proj": "CLIP image projection (BridgeTower bridges the block outputs)",
+    **dict.fromkeys(("transformer.*", "token_embedding.*", "positional_embedding", "ln_final.*", "text_projection"),
+                    "CLIP text tower"),
+    "logit_scale": "CLIP temperature",
+    **dict.fromkeys(("input_resolution", "context_length", "vocab_size"), "archive metadata"),
+}
+
+HEAD_MODULES = {"mlm": ("mlm_score",), "itm": ("itm_score",), "vqa": ("vqa_classifier",),
+                "itc": ("itc_text_head", "itc_image_head", "itc_cross_modal_head", "logit_scale")}
+POSITION_KEY = "vision_model.visual.embeddings.position_embedding.weight"
+
+
+def head_of(key):
+    """The head a parameter name belongs to, or None for the body."""
+    root = key.split(".")[0]
+    return next((head for head, roots in HEAD_MODULES.items() if root in roots), None)
+
+
+def head_sizes(state):
+    """Config fields that a checkpoint's heads fix by their shapes."""
+    sizes = {}
+    if "vqa_classifier.3.weight" in state:
+        sizes["num_vqa_answers"] = state["vqa_classifier.3.weight"].shape[0]
+    if "itc_text_head.fc.weight" in state:
+        sizes["contrastive_hidden_size"] = state["itc_text_head.fc.weight"].shape[0]
+    return sizes
+
+
+def drop_ignored(state, ignored):
+    """Split off the keys matching an `ignored` pattern. Returns (kept state, one report line or [])."""
+    from fnmatch import fnmatchcase
+    dropped = {k for k in state if any(fnmatchcase(k, p) for p in ignored)}
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    return kept, ([f"ignored {len(dropped)} keys on purpose: {_listing(dropped, 6)}"] if dropped else [])
+
+
+def _listing(keys, limit=30):
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_state(expected, state, source, may_miss=lambda k: False):
+    """Raise CheckpointError naming the file and every missing, unexpected or mis-shaped key."""
+    missing = [k for k in expected if k not in state and not may_miss(k)]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                 for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        lines = [f"{source} does not match the model:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {len(keys)} {title}: {_listing(keys)}")
+        raise CheckpointError("\n".join(lines))
+
+
+def resize_position_table(table, grid):
+    """(1 + g*g, D) CLIP position table -> (1 + grid*grid, D): bicubic over the patch grid (align_corners=False,
+    as the original adapt_position_encoding and HF's interpolate_pos_encoding), class row kept."""
+    old = math.isqrt(table.shape[0] - 1)
+    if old * old + 1 != table.shape[0]:
+        raise CheckpointError(f"position table of {table.shape[0]} rows is not 1 + a square grid")
+    if old == grid:
+        return table
+    patches = table[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
+    return torch.cat([table[:1], patches])
+
+
+def resize_position_table_in(state, config):
+    table = state.get(POSITION_KEY)
+    if table is None or table.shape[0] == config.image_grid ** 2 + 1:
+        return state, []
+    old = math.isqrt(table.shape[0] - 1)
+    state = {**state, POSITION_KEY: resize_position_table(table, config.image_grid)}
+    return state, [f"position table resized from a {old}x{old} to a {config.image_grid}x{config.image_grid} patch grid "
+                   f"({old * config.patch_size} -> {config.image_size} px, bicubic)"]
+
+
+def load_weights_file(path):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_hf_weights(directory):
+    """(state dict, file name) of an HF model directory: one file or a sharded index."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return load_weights_file(path), path
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load_weights_file(os.path.join(directory, shard)))
+            return state, path
+    raise FileNotFoundError(f"{directory}: no model.safetensors, pytorch_model.bin or sharded index")
+
+
+def read_json(directory, name="config.json"):
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- BridgeTower checkpoints: HF directories (ours included) and original Lightning files
+
+def read_hf_checkpoint(directory):
+    """(state, config kwargs, source, report lines) of an HF BridgeTower directory."""
+    raw, source = read_hf_weights(directory)
+    hf = read_json(directory)
+    if hf is None:
+        raise FileNotFoundError(f"{directory}: no config.json")
+    state = {k.removeprefix("bridgetower."): v for k, v in raw.items()}
+    state, notes = drop_ignored(state, IGNORED_HF)
+    return state, config_from_hf(hf, source), source, notes
+
+
+def config_from_hf(hf, source="config.json"):
+    """Our config fields from an HF BridgeTower config.json (text_config / vision_config nesting; old hub files
+    name them *_dict). Missing values take HF's defaults, which are our base preset."""
+    d = BridgeTowerConfig()
+    text = hf.get("text_config") or hf.get("text_config_dict") or {}
+    vision = hf.get("vision_config") or hf.get("vision_config_dict") or {}
+    eps = hf.get("layer_norm_eps", d.layer_norm_eps)
+    unsupported = [
+        msg for bad, msg in (
+            (hf.get("share_link_tower_layers", False), "share_link_tower_layers=True (crashes in HF too)"),
+            (vision.get("remove_last_layer", False), "remove_last_layer=True (crashes in HF too)"),
+            (text.get("hidden_act", "gelu") != "gelu" or hf.get("hidden_act", "gelu") != "gelu", "hidden_act other than gelu"),
+            (text.get("hidden_size", d.hidden_size) != hf.get("hidden_size", d.hidden_size), "text hidden_size != hidden_size"),
+            (vision.get("layer_norm_eps", eps) != eps, "vision layer_norm_eps != layer_norm_eps"),
+            (text.get("type_vocab_size", 1) != 1, "type_vocab_size != 1"),
+        ) if bad]
+    if unsupported:
+        raise CheckpointError(f"{source}: unsupported config: {', '.join(unsupported)}")
+    return dict(
+        vocab_size=text.get("vocab_size", d.vocab_size),
+        max_position_embeddings=text.get("max_position_embeddings", d.max_position_embeddings),
+        pad_token_id=text.get("pad_token_id", d.pad_token_id),
+        hidden_size=text.get("hidden_size", d.hidden_size),
+        num_heads=text.get("num_attention_heads", d.num_heads),
+        intermediate_size=text.get("intermediate_size", d.intermediate_size),
+        text_layers=text.get("num_hidden_layers", d.text_layers),
+        vision_width=vision.get("hidden_size", d.vision_width),
+        vision_layers=vision.get("num_hidden_layers", d.vision_layers),
+        patch_size=vision.get("patch_size", d.patch_size),
+        image_size=vision.get("image_size", d.image_size),
+        cross_layers=hf.get("num_hidden_layers", d.cross_layers),
+        link_tower_type=hf.get("link_tower_type", d.link_tower_type),
+        share_cross_modal_transform=hf.get("share_cross_modal_transformer_layers", d.share_cross_modal_transform),
+        layer_norm_eps=eps,
+        # HF builds the cross layers from text_config, hence its eps; our files also carry the field itself
+        cross_layer_norm_eps=hf.get("cross_layer_norm_eps", text.get("layer_norm_eps", eps)),
+        hidden_dropout=text.get("hidden_dropout_prob", d.hidden_dropout),
+        attention_dropout=text.get("attention_probs_dropout_prob", d.attention_dropout),
+        num_vqa_answers=hf.get("num_vqa_answers", d.num_vqa_answers),
+        contrastive_hidden_size=hf.get("contrastive_hidden_size", d.contrastive_hidden_size),
+        logit_scale_init=hf.get("logit_scale_init_value", d.logit_scale_init),
+    )
+
+
+def config_to_hf(c):
+    """config.json for transformers' BridgeTower classes, plus our fields that HF lacks (it ignores them)."""
+    architecture = ("BridgeTowerForContrastiveLearning" if "itc" in c.heads else "BridgeTowerForMaskedLM"
+                    if "mlm" in c.heads else "BridgeTowerForImageAndTextRetrieval" if "itm" in c.heads
+                    else "BridgeTowerModel")
+    text_config = dict(
+        model_type="bridgetower_text_model", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        num_hidden_layers=c.text_layers, num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
+        hidden_act="gelu", hidden_dropout_prob=c.hidden_dropout, attention_probs_dropout_prob=c.attention_dropout,
+        max_position_embeddings=c.max_position_embeddings, type_vocab_size=1, layer_norm_eps=c.layer_norm_eps,
+        pad_token_id=c.pad_token_id, bos_token_id=0, eos_token_id=2, initializer_factor=1)
+    vision_config = dict(
+        model_type="bridgetower_vision_model", hidden_size=c.vision_width, num_hidden_layers=c.vision_layers,
+        num_channels=3, patch_size=c.patch_size, image_size=c.image_size, layer_norm_eps=c.layer_norm_eps,
+        share_layernorm=True, remove_last_layer=False, stop_gradient=False, initializer_factor=1)
+    return dict(
+        architectures=[architecture], model_type="bridgetower", hidden_size=c.hidden_size,
+        num_attention_heads=c.num_heads, num_hidden_layers=c.cross_layers, hidden_act="gelu",
+        layer_norm_eps=c.layer_norm_eps, initializer_factor=1,
+        share_cross_modal_transformer_layers=c.share_cross_modal_transform, share_link_tower_layers=False,
+        link_tower_type=c.link_tower_type, tie_word_embeddings=False, init_layernorm_from_vision_encoder=False,
+        contrastive_hidden_size=c.contrastive_hidden_size, logit_scale_init_value=c.logit_scale_init,
+        text_config=text_config, vision_config=vision_config,
+        # ours
+        heads=list(c.heads), num_vqa_answers=c.num_vqa_answers, cross_layer_norm_eps=c.cross_layer_norm_eps,
+    )
+
+
+ORIGINAL_RENAMES = (  # (original prefix, HF prefix), first match wins
+    ("text_transformer.", "text_model."),
+    ("vit_model.visual.conv1.", "vision_model.visual.embeddings.patch_embedding."),
+    ("vit_model.visual.class_embedding", "vision_model.visual.embeddings.class_embedding"),
+    ("vit_model.visual.positional_embedding", "vision_model.visual.embeddings.position_embedding.weight"),
+    ("vit_model.visual.", "vision_model.visual."),
+)
+
+
+def original_key(key):
+    for old, new in ORIGINAL_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key  # cross_modal_*, token_type_embeddings and heads keep their names
+
+
+def read_original_checkpoint(path):
+    """(state, config kwargs, source, report lines) of an original microsoft/BridgeTower Lightning .ckpt."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning may pickle more than tensors (hyper-parameter containers of the training config)
+        print(f"{path}: not loadable with weights_only=True; unpickling it fully (only do this with files you trust)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    raw = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    state, notes = drop_ignored(raw, IGNORED_ORIGINAL)
+    unsupported = sorted({k.split(".")[0] for k in state if k.split(".")[0] in ORIGINAL_ONLY_HEADS})
+    if unsupported:
+        notes.append(f"heads of the original not implemented here, dropped: {', '.join(unsupported)}")
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in ORIGINAL_ONLY_HEADS}
+    state, more = drop_ignored({original_key(k): v for k, v in state.items()}, IGNORED_HF)
+    return state, config_from_shapes(state, path), path, notes + more
+
+
+def config_from_shapes(state, source):
+    """Config fields of an original checkpoint, from its tensor shapes. The original has no head-count field:
+    RoBERTa and CLIP use heads of width 64. Its cross layers and MLM transform use eps 1e-12 (BertConfig)."""
+    def get(key):
+        if key not in state:
+            raise CheckpointError(f"{source}: not a BridgeTower checkpoint (no {key})")
+        return state[key]
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    word = get("text_model.embeddings.word_embeddings.weight")
+    conv = get("vision_model.visual.embeddings.patch_embedding.weight")
+    grid = math.isqrt(get(POSITION_KEY).shape[0] - 1)
+    link = ("scaled_add" if "cross_modal_text_link_tower.0.scaled_factor" in state else
+            "interpolate" if "cross_modal_text_link_tower.0.beta" in state else "add")
+    return dict(
+        vocab_size=word.shape[0], hidden_size=word.shape[1], num_heads=word.shape[1] // 64,
+        max_position_embeddings=get("text_model.embeddings.position_embeddings.weight").shape[0],
+        intermediate_size=get("text_model.encoder.layer.0.intermediate.dense.weight").shape[0],
+        text_layers=count("text_model.encoder.layer."), vision_width=conv.shape[0],
+        vision_layers=count("vision_model.visual.transformer.resblocks."), patch_size=conv.shape[-1],
+        image_size=grid * conv.shape[-1], cross_layers=count("cross_modal_text_layers."), link_tower_type=link,
+        share_cross_modal_transform="cross_modal_text_transform.weight" in state,
+        layer_norm_eps=1e-5, cross_layer_norm_eps=1e-12,
+    )
+
+
+# ---- uni-modal initialisation: RoBERTa and CLIP
+
+def _check_fields(found, wanted, source):
+    wrong = [f"{k}={found[k]!r} (model needs {v!r})" for k, v in wanted.items() if k in found and found[k] != v]
+    if wrong:
+        raise CheckpointError(f"{source}: config does not match the model: {', '.join(wrong)}")
+
+
+def read_roberta(directory, config):
+    """(state named text_model.*, source, report lines) from an HF RobertaModel / RobertaForMaskedLM directory."""
+    raw, source = read_hf_weights(directory)
+    c = config
+    _check_fields(read_json(directory) or {}, dict(
+        hidden_size=c.hidden_size, num_hidden_layers=c.text_layers, num_attention_heads=c.num_heads,
+        intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, hidden_act="gelu",
+        max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+        pad_token_id=c.pad_token_id, type_vocab_size=1), source)
+    state, notes = drop_ignored({k.removeprefix("roberta."): v for k, v in raw.items()}, IGNORED_ROBERTA)
+    return {"text_model." + k: v for k, v in state.items()}, source, notes
+
+
+HF_CLIP_RENAMES = (("pre_layrnorm.", "ln_pre."), ("post_layernorm.", "ln_post."),
+                   ("encoder.layers.", "transformer.resblocks."), (".self_attn.out_proj.", ".attn.out_proj."),
+                   (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."),
+                   (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."))
+OPENAI_CLIP_RENAMES = (("conv1.", "embeddings.patch_embedding."), ("class_embedding", "embeddings.class_embedding"),
+                       ("positional_embedding", "embeddings.position_embedding.weight"))
+
+
+def read_clip(path, config):
+    """(state named vision_model.visual.*, source, report lines) from an HF CLIP directory or an OpenAI archive."""
+    if os.path.isdir(path):
+        state, source, notes = read_hf_clip(path, config)
+    else:
+        state, source, notes = read_openai_clip(path)
+    return {"vision_model.visual." + k: v for k, v in state.items()}, source, notes
+
+
+def read_hf_clip(directory, config):
+    raw, source = read_hf_weights(directory)
+    hf = read_json(directory) or {}
+    vision = hf.get("vision_config", hf)  # CLIPModel nests it, CLIPVisionModel does not
+    _check_fields(vision, dict(hidden_size=config.vision_width, num_hidden_layers=config.vision_layers,
+                               num_attention_heads=config.vision_heads, hidden_act="quick_gelu",
+                               patch_size=config.patch_size, layer_norm_eps=config.layer_norm_eps), source)
+    state, notes = drop_ignored({k.removeprefix("vision_model."): v for k, v in raw.items()}, IGNORED_HF_CLIP)
+    renamed = {}
+    for k, v in state.items():
+        for old, new in HF_CLIP_RENAMES:
+            k = k.replace(old, new)
+        renamed[k] = v
+    return pack_qkv(renamed), source, notes
+
+
+def pack_qkv(state):
+    """HF CLIP's separate q/k/v projections -> nn.MultiheadAttention's packed in_proj (q, k, v order).
+    Incomplete triples are left as they are, so that the key check reports them."""
+    packed = dict(state)
+    for q_key in [k for k in state if ".self_attn.q_proj." in k]:
+        parts = [q_key.replace(".q_proj.", f".{p}_proj.") for p in "qkv"]
+        if all(p in state for p in parts):
+            block, kind = q_key.split(".self_attn.q_proj.")
+            packed[f"{block}.attn.in_proj_{kind}"] = torch.cat([packed.pop(p) for p in parts])
+    return packed
+
+
+def read_openai_clip(path):
+    try:
+        raw = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:  # not a TorchScript archive: a plain state dict, as OpenAI's own loader accepts
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    state, notes = drop_ignored(dict(raw), IGNORED_OPENAI_CLIP)
+    renamed = {}
+    for k, v in state.items():
+        k = k.removeprefix("visual.")
+        for old, new in OPENAI_CLIP_RENAMES:
+            if k.startswith(old):
+                k = new + k[len(old):]
+        renamed[k] = v
+    return renamed, path, notes
