@@ -32,7 +32,9 @@ except ImportError:  # torch-only install: the kernels below are defined but nev
     HAS_TRITON = False
 
     class _NoTriton:
-        constexpr = object  # only read in annotations and below
+        @staticmethod
+        def constexpr(value=None):  # annotations, and _UPCAST_DOT below
+            return value
 
         @staticmethod
         def jit(fn):
@@ -703,3 +705,195 @@ def bridge_attention(q, k, v, key_mask=None, dropout_p=0.0, requested="auto"):
         return attention(q, k, v, key_mask, dropout_p)
     mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# -----------------------------------------------------------------------------
+# Checks without a GPU: compile every kernel for real GPUs (triton ships ptxas and cuobjdump)
+
+_SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # max opt-in bytes per block
+
+
+def _cubin_resources(cubin):
+    """(registers, local-memory bytes per thread) of a cubin, from the cuobjdump triton ships."""
+    import re
+    import subprocess
+    import tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+).*LOCAL:(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else (-1, -1)
+
+
+def _gpu_compile(kernel, arch, pointers, constexprs, num_warps, num_stages):
+    """Compile one kernel variant for sm_<arch> as a real launch would specialise it: pointers and
+    strides 16-aligned, unit strides constant."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner wraps the JITFunction
+    constexprs = dict(constexprs)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        unit_stride = name.startswith("stride_") and (name.endswith("d") or name == "stride_mn")
+        if name in constexprs or unit_stride:
+            signature[name] = "constexpr"
+            constexprs.setdefault(name, 1)
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("eps", "sm_scale", "dropout_p"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and name != "stride_mb":  # mask rows are Lk apart
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    regs, local = _cubin_resources(compiled.asm["cubin"])
+    return dict(kernel=fn.__name__, arch=arch, shared=compiled.metadata.shared, regs=regs, local=local,
+                num_warps=num_warps, num_stages=num_stages,
+                **{k: v for k, v in constexprs.items() if k.isupper()})
+
+
+def compile_check(archs=(80, 90), dtypes=("bf16",), head_dims=(64,), variants=((True, True),),
+                  all_configs=True):
+    """Compile the kernels for each arch (80 = A100, 90 = H100/H200); returns one dict per binary.
+    variants: (HAS_MASK, DROPOUT) pairs. Fails loudly on a compile error; callers check 'shared'
+    against _SHARED_LIMIT and 'local' (spilled bytes) themselves."""
+    if INTERPRET:
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the kernels are interpreted)")
+    results = []
+    for arch in archs:
+        for dt in dtypes:
+            block_n, warps = _ln_launch_params(1024, 4 if dt == "fp32" else 2)  # widths 768 and 1024
+            act = {p: dt for p in ("H", "C", "Y", "DY", "DH", "DC")}
+            stats = {p: "fp32" for p in ("W", "B", "S", "Mean", "Rstd", "DW_partial", "DB_partial", "DS_partial")}
+            for link in LINK_TYPES.values():
+                for kernel in (_add_ln_fwd_kernel, _add_ln_bwd_kernel):
+                    results.append(_gpu_compile(kernel, arch, {**act, **stats},
+                                                dict(LINK=link, BLOCK_N=block_n), warps, 1))
+            for d in head_dims:
+                block_d = max(16, triton.next_power_of_2(d))
+                ptrs = {p: dt for p in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+                ptrs.update(KeyMask="u8", LSE="fp32", Delta="fp32")
+                results.append(_gpu_compile(_attn_bwd_delta_kernel, arch, ptrs,
+                                            dict(BLOCK_M=64, BLOCK_D=block_d), 4, 1))
+                for has_mask, dropout in variants:
+                    for kernel in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):
+                        for cfg in kernel.configs if all_configs else kernel.configs[:1]:
+                            meta = dict(HAS_MASK=has_mask, DROPOUT=dropout, PREC="ieee", BLOCK_D=block_d, **cfg.kwargs)
+                            results.append(_gpu_compile(kernel, arch, ptrs, meta, cfg.num_warps, cfg.num_stages))
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Benchmark (GPU): python bridge_kernels.py [--dtype bf16] [--batch 32]
+#                  python bridge_kernels.py --compile-check   (no GPU needed)
+
+def _ms(fn, grad_to_none=None):
+    return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
+
+
+def bench_add_layer_norm(batch, dtype, widths=(768, 1024), lengths=(50, 325, 1297), eps=1e-5):
+    print(f"\nadd + LayerNorm, {dtype}: time in ms, effective GB/s counts the minimum traffic "
+          "(forward: read h, c, write y; backward: read dy, h, c, write dx)")
+    print(f"{'rows x width':>18} {'pass':>8} | {'fused':>14} {'eager':>14} {'compile':>14} | {'vs eager':>8} {'vs compile':>10}")
+    for n in widths:
+        for length in lengths:
+            m = batch * length
+            h = torch.randn(m, n, device="cuda", dtype=dtype, requires_grad=True)
+            c = torch.randn(m, n, device="cuda", dtype=dtype, requires_grad=True)
+            w = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+            b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+            dy = torch.randn(m, n, device="cuda", dtype=dtype)
+            torch._dynamo.reset()  # a fresh compile per shape, no recompile limit reached
+
+            def eager(h, c, w, b):
+                return F.layer_norm(h + c, (n,), w, b, eps)
+
+            impls = {"fused": lambda h, c, w, b: add_layer_norm(h, c, w, b, eps),
+                     "eager": eager, "compile": torch.compile(eager)}
+            for name, nbytes in (("fwd", 3), ("fwd+bwd", 7)):
+                gbs, times = [], []
+                for fn in impls.values():
+                    if name == "fwd":
+                        with torch.no_grad():
+                            t = _ms(lambda: fn(h, c, w, b))
+                    else:
+                        t = _ms(lambda: fn(h, c, w, b).backward(dy), grad_to_none=[h, c, w, b])
+                    times.append(t)
+                    gbs.append(nbytes * m * n * h.element_size() / t * 1e-6)
+                cells = " ".join(f"{t:6.3f} {g:6.0f}GB" for t, g in zip(times, gbs))
+                print(f"{f'{m} x {n}':>18} {name:>8} | {cells} | {times[1] / times[0]:7.2f}x {times[2] / times[0]:9.2f}x")
+
+
+def bench_attention(batch, dtype, heads=12, head_dim=64,
+                    shapes=((50, 50), (325, 325), (1297, 1297), (50, 325), (325, 50), (1297, 50))):
+    print(f"\nattention B={batch} H={heads} D={head_dim}, {dtype}: time in ms and TFLOP/s "
+          "(forward 4*B*H*Lq*Lk*D flops, backward 2.5x that, masked keys counted); "
+          "text keys (Lk=50) 30% padded")
+    print(f"{'Lq x Lk':>12} {'mask':>5} {'pass':>8} | {'fused':>16} {'sdpa':>16} | {'vs sdpa':>7}")
+    for lq, lk in shapes:
+        def make(length):
+            # the model's layout: (B, L, H, D) memory seen as (B, H, L, D)
+            return torch.randn(batch, length, heads, head_dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+        q, k, v = make(lq), make(lk), make(lk)
+        do = torch.randn_like(q)
+        key_mask = None
+        if lk == 50:  # text keys: 35 of 50 tokens real
+            key_mask = torch.zeros(batch, lk, device="cuda", dtype=torch.bool)
+            key_mask[:, :35] = True
+        sdpa_mask = None if key_mask is None else key_mask[:, None, None, :]
+        impls = {"fused": lambda: attention(q, k, v, key_mask),
+                 "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)}
+        flops = 4 * batch * heads * lq * lk * head_dim
+        for name, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            times = []
+            for fn in impls.values():
+                if name == "fwd":
+                    with torch.no_grad():
+                        times.append(_ms(fn))
+                else:
+                    times.append(_ms(lambda: fn().backward(do), grad_to_none=[q, k, v]))
+            cells = " ".join(f"{t:7.3f} {mult * flops / t * 1e-9:5.0f}TF" for t in times)
+            print(f"{f'{lq} x {lk}':>12} {'yes' if key_mask is not None else 'no':>5} {name:>8} | {cells} | {times[1] / times[0]:6.2f}x")
+
+
+def main(argv):
+    import argparse
+    import datetime
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--compile-check", action="store_true",
+                        help="compile every kernel and autotune config for sm_80 and sm_90 (no GPU needed)")
+    args = parser.parse_args(argv)
+    if not HAS_TRITON:
+        sys.exit("bridge_kernels.py: triton is not installed")
+    if args.compile_check:
+        failures = 0
+        for r in compile_check(dtypes=("bf16", "fp32"), head_dims=(32, 64, 128),
+                               variants=((False, False), (True, False), (True, True))):
+            over = r["shared"] > _SHARED_LIMIT[r["arch"]]
+            failures += over
+            extra = {k: v for k, v in r.items() if k not in ("kernel", "arch", "shared", "regs", "local")}
+            print(f"sm_{r['arch']} {r['kernel']:<24} shared {r['shared']:>6}{' OVER' if over else ''} "
+                  f"regs {r['regs']:>3} spill {r['local']:>4}  {extra}")
+        sys.exit(1 if failures else 0)
+    if INTERPRET or not torch.cuda.is_available():
+        sys.exit("bridge_kernels.py: the benchmark needs a CUDA GPU (and TRITON_INTERPRET unset). "
+                 "On a CPU: `python -m pytest tests/test_kernels.py` checks correctness under the "
+                 "interpreter, `python bridge_kernels.py --compile-check` compiles the kernels for sm_80/sm_90.")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    print(f"# {torch.cuda.get_device_name()}, {datetime.date.today().isoformat()}, "
+          f"torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}")
+    torch.manual_seed(0)
+    bench_add_layer_norm(args.batch, dtype)
+    bench_attention(args.batch, dtype)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,404 @@
+"""Tests for bridge_kernels.py.
+
+On a CPU the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set below before
+triton is imported). Every kernel result is compared with an fp32 PyTorch reference: tight absolute
+tolerances in fp32; in bf16/fp16 flash-attention's rule, the kernel's error against the fp32
+reference at most 2x (outputs) or 3x (gradients) PyTorch's own low-precision error.
+
+BRIDGETOWER_TEST_DEVICE=cuda runs the same tests with compiled kernels on a GPU (test_on_gpu does
+that in a subprocess when a GPU is present).
+"""
+
+import os
+import subprocess
+import sys
+
+DEVICE = os.environ.get("BRIDGETOWER_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import bridge_kernels as bk  # noqa: E402
+
+if not bk.HAS_TRITON:
+    TRITON_SKIP = "triton is not installed"
+elif DEVICE == "cpu" and not bk.INTERPRET:
+    TRITON_SKIP = ("bridge_kernels was imported before TRITON_INTERPRET=1 was set (another test "
+                   "module imported it first): set TRITON_INTERPRET=1 in the environment")
+else:
+    TRITON_SKIP = None
+needs_triton = pytest.mark.skipif(TRITON_SKIP is not None, reason=TRITON_SKIP or "")
+
+
+def run_grads(fn, inputs, dout):
+    """Output and the gradients of <out, dout> for each input."""
+    out = fn(*inputs)
+    return [out] + list(torch.autograd.grad(out, inputs, dout))
+
+
+def assert_fp32_close(got, want, atol=2e-5):
+    # absolute tolerance in units of the reference's magnitude (sums such as dw grow with rows)
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= atol * scale, f"max error {err:.3g} > {atol * scale:.3g}"
+
+
+def assert_flash_rule(got, torch_lp, ref, factor):
+    """flash-attention's rule: the kernel's error vs the fp32 reference is at most `factor` times
+    PyTorch's own error in the same low precision."""
+    err = (got.float() - ref).abs().max().item()
+    base = (torch_lp.float() - ref).abs().max().item()
+    assert err <= factor * base + 1e-6, f"kernel error {err:.3g} > {factor} x PyTorch's {base:.3g}"
+
+
+# -----------------------------------------------------------------------------
+# add + LayerNorm
+
+def ln_inputs(shape, link, dtype=torch.float32, weight_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    h = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEVICE, dtype).requires_grad_()
+    c = torch.randn(shape, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, weight_dtype).requires_grad_()
+    b = (0.1 * torch.randn(n, generator=g)).to(DEVICE, weight_dtype).requires_grad_()
+    inputs = [h, c, w, b]
+    if link != "add":
+        inputs.append(torch.tensor(0.3 if link == "interpolate" else 1.4, device=DEVICE).requires_grad_())
+    dout = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    return inputs, dout
+
+
+def ln_fn(impl, link, eps=1e-5):
+    return lambda h, c, w, b, s=None: impl(h, c, w, b, eps, link, s)
+
+
+@needs_triton
+@pytest.mark.parametrize("link", ["add", "scaled_add", "interpolate"])
+@pytest.mark.parametrize("shape", [(3, 7, 1023), (2, 50, 768), (1, 1024), (325, 1024)])
+def test_add_layer_norm_fp32(link, shape):
+    inputs, dout = ln_inputs(shape, link)
+    eps = 1e-12 if shape == (1, 1024) else 1e-5  # the original cross layers use 1e-12
+    got = run_grads(ln_fn(bk.add_layer_norm, link, eps), inputs, dout)
+    want = run_grads(ln_fn(bk.add_layer_norm_ref, link, eps), inputs, dout)
+    for name, x, y in zip(["y", "dh", "dc", "dw", "db", "ds"], got, want):
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        assert_fp32_close(x, y)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("link", ["add", "interpolate"])
+def test_add_layer_norm_low_precision(dtype, link):
+    # activations in low precision, parameters in fp32: what autocast training feeds the kernel
+    inputs, dout = ln_inputs((3, 50, 1023), link, dtype=dtype)
+    fp32_inputs = [x.detach().float().requires_grad_() for x in inputs]
+    got = run_grads(ln_fn(bk.add_layer_norm, link), inputs, dout)
+    torch_lp = run_grads(ln_fn(bk.add_layer_norm_ref, link), inputs, dout)
+    ref = run_grads(ln_fn(bk.add_layer_norm_ref, link), fp32_inputs, dout.float())
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[3].dtype == torch.float32
+    assert_flash_rule(got[0], torch_lp[0], ref[0], 2)
+    for x, y, z in zip(got[1:], torch_lp[1:], ref[1:]):
+        assert_flash_rule(x, y, z, 3)
+
+
+@needs_triton
+def test_add_layer_norm_strided_and_mixed_dtypes():
+    # h: rows of a wider buffer (row stride != width, read in place); c: transposed (copied);
+    # c in bf16 with h in fp32 promotes to fp32 as h + c does
+    wide = torch.randn(2, 30, 800, device=DEVICE)
+    h = wide[..., :768].requires_grad_()
+    c = torch.randn(2, 768, 30, device=DEVICE).to(torch.bfloat16).transpose(1, 2).requires_grad_()
+    w = torch.randn(768, device=DEVICE, requires_grad=True)
+    b = torch.randn(768, device=DEVICE, requires_grad=True)
+    dout = torch.randn(2, 30, 768, device=DEVICE)
+    got = run_grads(ln_fn(bk.add_layer_norm, "add"), [h, c, w, b], dout)
+    want = run_grads(ln_fn(bk.add_layer_norm_ref, "add"), [h, c, w, b], dout)
+    assert got[0].dtype == torch.float32 and got[2].dtype == torch.bfloat16
+    for x, y in zip(got, want):
+        assert_fp32_close(x.float(), y.float(), atol=1e-2 if x.dtype == torch.bfloat16 else 2e-5)
+
+
+def test_add_layer_norm_argument_errors():
+    h = torch.randn(2, 8)
+    w, b = torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="link_type"):
+        bk.add_layer_norm_ref(h, h, w, b, 1e-5, "concat")
+    with pytest.raises(ValueError, match="scalar"):
+        bk.add_layer_norm_ref(h, h, w, b, 1e-5, "scaled_add")
+    with pytest.raises(ValueError, match="scalar"):
+        bk.add_layer_norm(h, h, w, b, 1e-5, "add", torch.tensor(1.0))
+    with pytest.raises(ValueError, match="differ"):
+        bk.add_layer_norm(h, torch.randn(2, 1, 8), w, b)
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+def make_key_mask(kind, batch, lk, g):
+    if kind is None:
+        return None
+    if kind == "random":  # any pattern, not only right padding; key 0 always kept
+        mask = torch.rand(batch, lk, generator=g) > 0.4
+        mask[:, 0] = True
+    elif kind == "right":  # right padding, lengths from 1 to lk
+        lengths = torch.linspace(1, lk, batch).round().long()
+        mask = torch.arange(lk)[None, :] < lengths[:, None]
+    elif kind == "first_only":  # every key beyond the first padded
+        mask = torch.zeros(batch, lk, dtype=torch.bool)
+        mask[:, 0] = True
+    elif kind == "empty_row":  # last batch element has no key at all
+        mask = torch.rand(batch, lk, generator=g) > 0.5
+        mask[:, 0] = True
+        mask[-1] = False
+    return mask.to(DEVICE)
+
+
+def attn_inputs(b, h, lq, lk, d, mask_kind, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype).requires_grad_() for n in (lq, lk, lk))
+    dout = torch.randn(b, h, lq, d, generator=g).to(DEVICE, dtype)
+    return [q, k, v], make_key_mask(mask_kind, b, lk, g), dout
+
+
+ATTN_CASES = [  # (B, H, Lq, Lk, D, key mask)
+    (3, 2, 7, 7, 64, "random"),
+    (2, 2, 1, 50, 64, "right"),
+    (3, 1, 50, 50, 32, "first_only"),
+    (2, 1, 123, 50, 64, "random"),  # cross-attention, Lq != Lk
+    (1, 1, 325, 325, 64, None),  # image self-attention
+    (1, 2, 50, 325, 128, None),  # text queries, image keys
+    (2, 1, 325, 50, 64, "right"),  # image queries, padded text keys
+    (2, 1, 7, 123, 32, "empty_row"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_attention_fp32(case):
+    b, h, lq, lk, d, mask_kind = case
+    inputs, key_mask, dout = attn_inputs(b, h, lq, lk, d, mask_kind)
+    got = run_grads(lambda q, k, v: bk.attention(q, k, v, key_mask), inputs, dout)
+    want = run_grads(lambda q, k, v: bk.attention_ref(q, k, v, key_mask), inputs, dout)
+    for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        assert torch.isfinite(x).all(), name
+        assert_fp32_close(x, y)
+
+
+@needs_triton
+def test_attention_keys_all_masked():
+    # a sample with no key to attend: output 0 and zero gradients, as PyTorch's SDPA gives 0
+    inputs, key_mask, dout = attn_inputs(2, 2, 9, 20, 32, "empty_row")
+    out, dq, dk, dv = run_grads(lambda q, k, v: bk.attention(q, k, v, key_mask), inputs, dout)
+    assert (out[-1] == 0).all() and (dq[-1] == 0).all() and (dk[-1] == 0).all() and (dv[-1] == 0).all()
+    sdpa = F.scaled_dot_product_attention(*inputs, attn_mask=key_mask[:, None, None, :])
+    assert_fp32_close(out, sdpa)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_low_precision(dtype):
+    inputs, key_mask, dout = attn_inputs(2, 2, 123, 50, 64, "random", dtype=dtype)
+    fp32_inputs = [x.detach().float().requires_grad_() for x in inputs]
+    got = run_grads(lambda q, k, v: bk.attention(q, k, v, key_mask), inputs, dout)
+    torch_lp = run_grads(lambda q, k, v: bk.attention_ref(q, k, v, key_mask), inputs, dout)
+    ref = run_grads(lambda q, k, v: bk.attention_ref(q, k, v, key_mask), fp32_inputs, dout.float())
+    assert all(x.dtype == dtype for x in got)
+    assert_flash_rule(got[0], torch_lp[0], ref[0], 2)
+    for x, y, z in zip(got[1:], torch_lp[1:], ref[1:]):
+        assert_flash_rule(x, y, z, 3)
+
+
+@needs_triton
+def test_attention_packed_qkv_views():
+    # the model splits one packed projection: q, k, v are strided views, read in place
+    b, lq, h, d = 2, 37, 3, 32
+    qkv = torch.randn(b, lq, 3, h, d, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    key_mask = torch.ones(b, lq, dtype=torch.long, device=DEVICE)  # HF style int mask, 1 = attend
+    key_mask[0, 20:] = 0
+    dout = torch.randn(b, h, lq, d, device=DEVICE)
+    out = bk.attention(q, k, v, key_mask)
+    # free (B, Lq, H*D) view for the output projection
+    assert out.transpose(1, 2).is_contiguous()
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    ref = bk.attention_ref(q, k, v, key_mask)
+    (dqkv_ref,) = torch.autograd.grad(ref, qkv, dout)
+    assert_fp32_close(out, ref)
+    assert_fp32_close(dqkv, dqkv_ref)
+    # the same mask as bool gives the same result
+    assert torch.equal(bk.attention(q, k, v, key_mask.bool()), out)
+
+
+def test_attention_argument_errors():
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="shapes"):
+        bk.attention(q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
+    with pytest.raises(ValueError, match="key_mask"):
+        bk.attention(q, q, q, torch.ones(1, 5))
+    with pytest.raises(ValueError, match="dropout_p"):
+        bk.attention(q, q, q, dropout_p=1.0)
+    with pytest.raises(ValueError, match="share"):
+        bk.attention(q, q.double(), q)
+
+
+# -----------------------------------------------------------------------------
+# attention dropout
+
+def recover_dropout_mask(q, k, key_mask, p, seed):
+    """The kernel's keep mask, read off its output: with v = the identity on a chunk of D keys the
+    output is exactly the dropped, rescaled probabilities of those keys. torch.manual_seed(seed)
+    before each call replays the seed the kernel draws."""
+    b, h, lk, d = k.shape
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, lk, d):
+            v = torch.zeros_like(k)
+            width = min(d, lk - start)
+            v[:, :, start:start + width, :width] = torch.eye(width, device=k.device)
+            torch.manual_seed(seed)
+            chunks.append(bk.attention(q, k, v, key_mask, p)[..., :width])
+    return (torch.cat(chunks, dim=-1) != 0).float()
+
+
+@needs_triton
+def test_attention_dropout_rate_and_backward():
+    p, seed = 0.3, 1234
+    (q, k, v), key_mask, dout = attn_inputs(2, 2, 50, 123, 64, "random")
+    keep = recover_dropout_mask(q, k, key_mask, p, seed)
+    valid = key_mask[:, None, None, :].expand_as(keep)
+    assert (keep[~valid] == 0).all()  # masked keys carry no probability to keep
+    # keep rate of a Bernoulli(1 - p): 5 standard deviations over ~17k attended entries
+    n = valid.sum().item()
+    rate = keep[valid].mean().item()
+    assert abs(rate - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5), rate
+    # heads and batch elements draw different masks
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    # forward and backward with random v, same seed: the reference applies the recovered mask,
+    # so the gradients check that the backward regenerates the forward's mask
+    torch.manual_seed(seed)
+    got = run_grads(lambda q, k, v: bk.attention(q, k, v, key_mask, p), [q, k, v], dout)
+    want = run_grads(lambda q, k, v: bk.attention_ref(q, k, v, key_mask, p, dropout_mask=keep), [q, k, v], dout)
+    for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
+        assert_fp32_close(x, y), name
+    # a new call draws a new seed, hence a new mask
+    assert not torch.equal(bk.attention(q, k, v, key_mask, p), got[0])
+
+
+@needs_triton
+def test_attention_dropout_rate_small_p():
+    p = 0.1
+    (q, k, v), _, _ = attn_inputs(1, 3, 64, 64, 64, None)
+    keep = recover_dropout_mask(q, k, None, p, seed=7)
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)
+
+
+# -----------------------------------------------------------------------------
+# the dispatcher
+
+def test_backend_choice(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    assert bk.backend(x) == "torch"  # auto: torch off CUDA
+    assert bk.backend(x, "torch") == "torch"
+    monkeypatch.setenv("BRIDGETOWER_KERNELS", "torch")
+    assert bk.backend(x, "triton") == "torch"  # the environment wins
+    monkeypatch.setenv("BRIDGETOWER_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="BRIDGETOWER_KERNELS"):
+        bk.backend(x)
+    monkeypatch.setenv("BRIDGETOWER_KERNELS", "triton")
+    monkeypatch.setattr(bk, "INTERPRET", False)
+    if bk.HAS_TRITON:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            bk.backend(x, "torch")
+        monkeypatch.setattr(bk, "INTERPRET", True)
+        assert bk.backend(x, "torch") == "triton"
+
+
+@needs_triton
+@pytest.mark.parametrize("link", ["add", "scaled_add", "interpolate"])
+def test_bridge_add_layer_norm_paths_agree(link, monkeypatch):
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    inputs, dout = ln_inputs((2, 5, 96), link)
+    fn = lambda requested: lambda h, c, w, b, s=None: bk.bridge_add_layer_norm(h, c, w, b, 1e-5, link, s, requested)
+    for x, y in zip(run_grads(fn("triton"), inputs, dout), run_grads(fn("torch"), inputs, dout)):
+        assert_fp32_close(x, y)
+
+
+@needs_triton
+@pytest.mark.parametrize("mask_kind", [None, "right", "random"])
+def test_bridge_attention_paths_agree(mask_kind, monkeypatch):
+    # the torch path is SDPA with a boolean (B, 1, 1, Lk) mask: same convention as the kernel
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    inputs, key_mask, dout = attn_inputs(3, 2, 19, 40, 32, mask_kind)
+    fn = lambda requested: lambda q, k, v: bk.bridge_attention(q, k, v, key_mask, 0.0, requested)
+    for x, y in zip(run_grads(fn("triton"), inputs, dout), run_grads(fn("torch"), inputs, dout)):
+        assert_fp32_close(x, y)
+
+
+def test_import_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, bridge_kernels as bk\n"
+        "assert not bk.HAS_TRITON\n"
+        "x = torch.randn(2, 3, 8)\n"
+        "assert bk.backend(x) == 'torch'\n"
+        "y = bk.bridge_add_layer_norm(x, x, torch.ones(8), torch.zeros(8), 1e-5)\n"
+        "assert torch.allclose(y, torch.nn.functional.layer_norm(2 * x, (8,)), atol=1e-6)\n"
+        "q = torch.randn(2, 1, 3, 8)\n"
+        "assert bk.bridge_attention(q, q, q, torch.ones(2, 3)).shape == q.shape\n"
+        "try:\n"
+        "    bk.backend(x, 'triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('expected RuntimeError')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "BRIDGETOWER_KERNELS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# -----------------------------------------------------------------------------
+# compiled for real GPUs, and run on one when present
+
+def test_compiles_for_a100_and_h100():
+    """The interpreter accepts code a GPU compiler rejects; triton ships ptxas, so compile the
+    kernels for sm_80 and sm_90 (first autotune config of each; `python bridge_kernels.py
+    --compile-check` does every config) and check the shared memory fits."""
+    if not bk.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton has no bundled ptxas")
+    code = (
+        "import bridge_kernels as bk\n"
+        "for r in bk.compile_check(archs=(80, 90), all_configs=False):\n"
+        "    assert r['shared'] <= bk._SHARED_LIMIT[r['arch']], r\n"
+        "    print(r)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("\n") == 2 * (6 + 4)  # per arch: 3 links x fwd/bwd, delta, fwd, dkdv, dq
+
+
+@pytest.mark.gpu
+def test_on_gpu():
+    if DEVICE != "cpu":
+        pytest.skip("already running on the GPU")
+    if not (bk.HAS_TRITON and torch.cuda.is_available()):
+        pytest.skip("needs a CUDA GPU and triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["BRIDGETOWER_TEST_DEVICE"] = "cuda"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-k", "not test_on_gpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-5000:]
