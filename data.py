@@ -123,6 +123,7 @@ def _demo_corpus():
         for shape in SHAPES:
             for size in SIZES:
                 texts += [f"what color is the {shape}?", f"what color is the {size} {shape}?",
+                          f"is the {color} {shape} on the left or the right?",
                           f"what shape is the {color} object?", f"what size is the {color} {shape}?",
                           f"is there a {color} {shape}?", f"is there a {size} {color} {shape}?",
                           f"how many {color} objects are there?", f"how many {shape}s are there?",
@@ -141,14 +142,18 @@ def _demo_corpus():
 def demo_tokenizer(cache_dir="out/tokenizer"):
     """A small byte-level BPE trained on the synthetic captions and questions, cached as vocab.json + merges.txt.
 
-    Deterministic (same corpus -> same files). The cache is reused only if it was trained on the current corpus,
-    so editing the scene vocabulary cannot silently leave a stale tokenizer behind.
+    Deterministic (same corpus -> same files). An existing cache is always reused, because token ids must not
+    change under a checkpoint; if it was trained on another corpus (data.py edited since), a warning says so.
     """
     from tokenizers import ByteLevelBPETokenizer
     corpus = _demo_corpus()
     stamp = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:16]
     files = [os.path.join(cache_dir, n) for n in ("vocab.json", "merges.txt", "corpus.sha")]
-    if all(os.path.isfile(f) for f in files) and open(files[2]).read().strip() == stamp:
+    if os.path.isfile(files[0]) and os.path.isfile(files[1]):
+        cached_stamp = open(files[2]).read().strip() if os.path.isfile(files[2]) else None
+        if cached_stamp != stamp:
+            print(f"data: {cache_dir} holds a tokenizer trained on another corpus; reusing it (delete the directory "
+                  "to retrain)", file=sys.stderr)
         return Tokenizer.from_dir(cache_dir)
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     bpe.train_from_iterator(corpus, vocab_size=1000, min_frequency=2, special_tokens=SPECIAL_TOKENS,

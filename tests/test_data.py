@@ -136,7 +136,7 @@ def test_tokenizer_from_tokenizer_json(bpe_dir, tmp_path):
         data.Tokenizer.from_dir(tmp_path)
 
 
-def test_demo_tokenizer_deterministic_and_compact(tmp_path):
+def test_demo_tokenizer_deterministic_and_compact(tmp_path, capsys):
     a = data.demo_tokenizer(tmp_path / "a")
     b = data.demo_tokenizer(tmp_path / "b")
     for name in ("vocab.json", "merges.txt"):
@@ -145,6 +145,9 @@ def test_demo_tokenizer_deterministic_and_compact(tmp_path):
     mtime = os.path.getmtime(tmp_path / "a" / "vocab.json")
     c = data.demo_tokenizer(tmp_path / "a")  # reused, not retrained
     assert os.path.getmtime(tmp_path / "a" / "vocab.json") == mtime and c.vocab_size == a.vocab_size
+    (tmp_path / "a" / "corpus.sha").write_text("stale\n")
+    assert data.demo_tokenizer(tmp_path / "a").vocab_size == a.vocab_size  # ids never change under a checkpoint
+    assert "another corpus" in capsys.readouterr().err
     # every scene word is a single token, so the tiny model sees "red" as one thing to predict
     for word in list(data.COLORS) + list(data.SHAPES) + list(data.SIZES) + ["left", "right", "above", "below"]:
         assert a([" " + word])["attention_mask"].sum() == 3, word  # <s> word </s>
