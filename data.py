@@ -187,7 +187,8 @@ def to_rgb(img):
 def draft(img, min_w, min_h):
     """Let the JPEG decoder downscale by 2/4/8 in the DCT while keeping both sides >= the request.
 
-    Decoding a 640x480 JPEG at half size is ~3x faster; the bicubic resize that follows hides the difference.
+    Measured: a 1280x960 JPEG decodes 1.6x faster at half size, and the bicubic resize that follows then reads
+    4x fewer pixels; that resize also hides the small difference to a full decode.
     No-op for other formats or already-loaded images.
     """
     if getattr(img, "format", None) == "JPEG" and getattr(img, "tile", None):
@@ -386,7 +387,6 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 _SIZE_FRACTION = {"small": 0.22, "large": 0.38}  # object side / image side: both legible at 64 px
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def spatial_relation(a, b):
@@ -538,7 +538,9 @@ def _read_json(path, what):
 
 def coco_source(json_path, root, split):
     """Karpathy dataset_coco.json: images[{filepath, filename, split, sentences[{raw}]}]; train = train + restval."""
-    splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+    splits = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}.get(split)
+    if splits is None:
+        raise ValueError(f"COCO split must be train, val or test, got {split!r}")
     data = _read_json(json_path, "COCO Karpathy json")
     files, index, captions = [], [], []
     for img in data["images"]:
@@ -1035,7 +1037,8 @@ def _bench(argv):
     with tempfile.TemporaryDirectory() as tmp:
         write_demo_shards(tmp, num_shards=2, per_shard=max(64, batch_size * (batches + 2) // 2))
         specs = ["synthetic", f"wds:{tmp}/{{00000..00001}}.tar"] + extra
-        print(f"images/s of ONE loader worker (decode + transform + collate), image_size {image_size}, batch {batch_size}")
+        print(f"images/s of ONE loader worker (decode + transform + collate), image_size {image_size}, batch {batch_size}; "
+              "tar shards hold 640x480 JPEGs (quality 90)")
         for spec in specs:
             loader = build_pretrain_loader(spec, tokenizer, image_size=image_size, batch_size=batch_size, num_workers=0)
             next(loader)  # warm-up: shard header scan, shuffle buffer fill
