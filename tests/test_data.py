@@ -465,16 +465,17 @@ def shards_with_unique_captions(tmp_path, n_shards=8, per_shard=6):
 
 
 @pytest.mark.parametrize("source,num_workers,rank", [("synthetic", 0, 0), ("synthetic", 2, 1), ("wds", 2, 1),
-                                                      ("wds", 0, 0), ("coco", 2, 0)])
+                                                      ("wds", 0, 0), ("coco", 2, 0), ("coco+wds", 2, 1)])
 def test_resume_yields_the_same_batches(tok, tmp_path, source, num_workers, rank):
-    if source == "wds":
+    if "wds" in source:
         spec = shards_with_unique_captions(tmp_path, n_shards=5, per_shard=5)
         # a corrupt sample too: its slot is filled the same way when resuming
         write_tar(tmp_path / "00004.tar", [("bad", {"jpg": b"junk", "txt": b"junk caption"})] +
                   [good_sample(f"4_{i}", f"shard 4 sample {i}") for i in range(4)])
-    elif source == "coco":
-        spec = write_coco(tmp_path, [("train", "d", f"{i}.jpg", [f"c{i} a", f"c{i} b"], scene_jpeg(i)) for i in range(7)])
-    else:
+    if "coco" in source:
+        coco = write_coco(tmp_path, [("train", "d", f"{i}.jpg", [f"c{i} a", f"c{i} b"], scene_jpeg(i)) for i in range(7)])
+        spec = coco if source == "coco" else f"{coco},{spec}"  # mixed: each slot draws its kind, replayed on resume
+    elif source == "synthetic":
         spec = source
     kw = dict(batch_size=3, num_workers=num_workers, rank=rank, world_size=2, seed=3)
     full = take(spec, tok, 9, **kw)
@@ -505,3 +506,14 @@ def test_expand_shards_and_spec_splitting(tmp_path):
     assert data.expand_shards("d/{000..002}.tar") == ["d/000.tar", "d/001.tar", "d/002.tar"]
     assert data.expand_shards("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
     assert data._split_spec("synthetic, wds:/x/{a,b}.tar,coco:j.json@r") == ["synthetic", "wds:/x/{a,b}.tar", "coco:j.json@r"]
+
+
+def test_resume_skips_tar_samples_without_decoding(tok, tmp_path, monkeypatch):
+    spec = shards_with_unique_captions(tmp_path, n_shards=4, per_shard=10)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    resumed = take(spec, tok, 1, batch_size=3, start_batch=8)
+    assert len(opened) == 3  # only the images of the one batch produced, none of the 24 skipped
+    monkeypatch.setattr(Image, "open", real_open)
+    assert same_batch(resumed[0], take(spec, tok, 9, batch_size=3)[8])
