@@ -226,14 +226,17 @@ class _AddLayerNorm(torch.autograd.Function):
         dy2 = _as_rows(dy, n)
         dh = torch.empty((m, n), device=h2.device, dtype=h2.dtype)
         dc = torch.empty_like(dh) if link != 0 else dh
-        programs = max(1, min(m, _num_programs(h2.device)))
-        rows_per_program = triton.cdiv(m, programs)
-        dw_partial = torch.zeros((programs, n), device=h2.device, dtype=torch.float32)
-        db_partial = torch.zeros((programs, n), device=h2.device, dtype=torch.float32)
-        ds_partial = torch.zeros(programs, device=h2.device, dtype=torch.float32)
+        rows_per_program = triton.cdiv(m, _num_programs(h2.device))
+        programs = triton.cdiv(m, rows_per_program) if m > 0 else 1
+        # every program writes its whole partial row: no memset needed
+        dw_partial = torch.empty((programs, n), device=h2.device, dtype=torch.float32)
+        db_partial = torch.empty((programs, n), device=h2.device, dtype=torch.float32)
+        ds_partial = torch.empty(programs, device=h2.device, dtype=torch.float32)
         s = scalar if scalar is not None else weight
         block_n, num_warps = _ln_launch_params(n, h2.element_size())
-        if m > 0:
+        if m == 0:
+            dw_partial.zero_(), db_partial.zero_(), ds_partial.zero_()
+        else:
             _add_ln_bwd_kernel[(programs,)](
                 dy2, h2, c2, weight, s, mean, rstd, dh, dc,
                 dw_partial, db_partial, ds_partial,
