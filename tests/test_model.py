@@ -1,0 +1,496 @@
+"""
+model.py against transformers (the parity target) with random weights, loaded the way a user loads them:
+transformers' save_pretrained -> our from_pretrained (and back). Tiny configs for breadth, base size once.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers as T
+
+from model import BridgeTower, BridgeTowerConfig, CheckpointError, contrastive_loss, config_to_hf
+
+RTOL = 1e-5  # relative to the largest magnitude of the reference: fp32 re-implementations agree to ~1e-6
+VOCAB = 120
+
+
+def assert_close(ours, ref, what=""):
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
+    err = (ours - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+    assert err < RTOL, f"{what}: relative error {err:.2e}"
+
+
+def hf_tiny_config(link="add", share=True, image_size=64, cross_layers=2, **text):
+    """A small transformers BridgeTowerConfig, written independently of model.py's config_to_hf."""
+    text = dict(dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=256), **text)
+    return T.BridgeTowerConfig(
+        text_config=text, vision_config=dict(hidden_size=128, num_hidden_layers=4, patch_size=16, image_size=image_size),
+        hidden_size=text["hidden_size"], num_attention_heads=text["num_attention_heads"],
+        num_hidden_layers=cross_layers, link_tower_type=link, share_cross_modal_transformer_layers=share,
+        contrastive_hidden_size=512, logit_scale_init_value=2.6592)  # HF v5 lacks these two defaults
+
+
+def random_scalars(model):
+    """Move the bridge scalars away from their init (1 and 0.5) so that the test sees their use."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("scaled_factor", "beta")):
+                p.uniform_(0.2, 0.9)
+    return model
+
+
+def inputs(batch=3, length=9, image_size=64, seed=0, vocab=VOCAB):
+    """Text with a different amount of right padding per row (row 0 none), and images."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, length), generator=g)
+    ids[:, 0] = 0
+    lengths = [max(3, length - 3 * i) for i in range(batch)]
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n - 1] = 2
+    ids[mask == 0] = 1
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
+    return ids, mask, pixels
+
+
+def saved(hf_model, tmp_path, name="hf"):
+    path = tmp_path / name
+    hf_model.save_pretrained(path)
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# transformers -> ours: every output and head, link types, shared/unshared transforms, padded batches
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("link", ["add", "scaled_add", "interpolate"])
+def test_parity_mlm_itm_features(tmp_path, link, share):
+    torch.manual_seed(0)
+    ids, mask, pixels = inputs()
+    for cls, head in ((T.BridgeTowerForMaskedLM, "mlm"), (T.BridgeTowerForImageAndTextRetrieval, "itm")):
+        hf = random_scalars(cls(hf_tiny_config(link, share))).eval()
+        ours = BridgeTower.from_pretrained(saved(hf, tmp_path, head)).eval()
+        assert ours.config.heads == (head,) and ours.config.link_tower_type == link
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+            ref_body = hf.bridgetower(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+            out = ours(ids, attention_mask=mask, pixel_values=pixels)
+        for key in ("text_features", "image_features", "pooler_output"):
+            assert_close(getattr(out, key), ref_body[key], f"{head} {key}")
+        assert_close(getattr(out, f"{head}_logits"), ref.logits, f"{head} logits")
+
+
+def test_parity_contrastive(tmp_path):
+    torch.manual_seed(1)
+    ids, mask, pixels = inputs(batch=4)
+    hf = T.BridgeTowerForContrastiveLearning(hf_tiny_config("scaled_add")).eval()
+    with torch.no_grad():
+        hf.logit_scale.fill_(3.1)
+    ours = BridgeTower.from_pretrained(saved(hf, tmp_path)).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True)
+        out = ours(ids, attention_mask=mask, pixel_values=pixels)
+        loss = contrastive_loss(out.text_embeds, out.image_embeds, out.cross_embeds, ours.logit_scale)
+    for key in ("text_embeds", "image_embeds", "cross_embeds"):
+        assert_close(getattr(out, key), ref[key], key)
+    assert_close(loss, ref.loss, "contrastive loss")
+
+
+def test_parity_base_size(tmp_path):
+    """The full base config once: BridgeTowerModel, batch 2, short text with one padded row."""
+    torch.manual_seed(0)
+    hf = T.BridgeTowerModel(T.BridgeTowerConfig()).eval()
+    ours = BridgeTower.from_pretrained(saved(hf, tmp_path)).eval()
+    assert ours.config == BridgeTowerConfig.preset("base", heads=())
+    # HF 326,347,008 includes the RoBERTa pooler (590,592), which we do not build
+    assert sum(p.numel() for p in ours.parameters()) == 326_347_008 - 590_592
+    ids, mask, pixels = inputs(batch=2, length=8, image_size=288, vocab=50265)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        out = ours(ids, attention_mask=mask, pixel_values=pixels)
+    for key in ("text_features", "image_features", "pooler_output"):
+        assert_close(getattr(out, key), ref[key], key)
+
+
+def test_parameter_counts_of_presets():
+    """Sizes from the HF reference (REFERENCE.md), less the unused text pooler; built on the meta device."""
+    with torch.device("meta"):
+        base = BridgeTower(BridgeTowerConfig.preset("base", heads=("mlm", "itm", "itc")))
+        large = BridgeTower(BridgeTowerConfig.preset("large", heads=()))
+    count = lambda m, prefix="": sum(p.numel() for n, p in m.named_parameters() if n.startswith(prefix))
+    assert count(large) == 864_514_048 - 1_049_600
+    assert count(base, "mlm_score") == 365_592_921 - 326_347_008
+    assert count(base, "itm_score") == 326_350_082 - 326_347_008
+    assert count(base, "itc_") + count(base, "logit_scale") == 327_921_409 - 326_347_008
+
+
+def test_position_interpolation_matches_hf(tmp_path):
+    """A 64-px checkpoint loaded at 96 px equals HF's interpolate_pos_encoding=True at 96 px."""
+    torch.manual_seed(2)
+    hf = T.BridgeTowerModel(hf_tiny_config()).eval()
+    ours = BridgeTower.from_pretrained(saved(hf, tmp_path), image_size=96).eval()
+    assert ours.vision_model.visual.embeddings.position_embedding.weight.shape[0] == 6 * 6 + 1
+    ids, mask, pixels = inputs(image_size=96)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, interpolate_pos_encoding=True)
+        out = ours(ids, attention_mask=mask, pixel_values=pixels)
+    for key in ("text_features", "image_features", "pooler_output"):
+        assert_close(getattr(out, key), ref[key], key)
+    with pytest.raises(ValueError, match="96x96"):
+        ours(ids, pixel_values=torch.zeros(1, 3, 64, 64))
+
+
+# -----------------------------------------------------------------------------
+# ours -> transformers: save_pretrained loads into every HF class with no missing key, same outputs
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    torch.manual_seed(3)
+    config = BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, link_tower_type="interpolate",
+                                      heads=("mlm", "itm", "itc", "vqa"), num_vqa_answers=7)
+    ours = random_scalars(BridgeTower(config)).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask, pixel_values=pixels)
+        for cls, field in ((T.BridgeTowerForMaskedLM, "mlm_logits"), (T.BridgeTowerForImageAndTextRetrieval, "itm_logits"),
+                           (T.BridgeTowerForContrastiveLearning, "text_embeds")):
+            hf, info = cls.from_pretrained(tmp_path / "ours", output_loading_info=True)
+            assert not info["missing_keys"] and not info["mismatched_keys"], (cls.__name__, info)
+            ref = hf.eval()(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+            if field == "text_embeds":
+                for key in ("text_embeds", "image_embeds", "cross_embeds"):
+                    assert_close(getattr(out, key), ref[key], key)
+            else:
+                assert_close(getattr(out, field), ref.logits, field)
+        # and back: our own directory reproduces everything, the VQA head included
+        again = BridgeTower.from_pretrained(tmp_path / "ours").eval()
+        assert again.config == config
+        out2 = again(ids, attention_mask=mask, pixel_values=pixels)
+    for key in ("text_features", "image_features", "pooler_output", "mlm_logits", "itm_logits", "vqa_logits"):
+        assert torch.equal(getattr(out, key), getattr(out2, key)), key
+
+
+def test_heads_requested_and_dropped(tmp_path, capsys):
+    torch.manual_seed(4)
+    hf = T.BridgeTowerForMaskedLM(hf_tiny_config()).eval()
+    path = saved(hf, tmp_path)
+    ours = BridgeTower.from_pretrained(path, heads=("vqa",), num_vqa_answers=11)
+    report = capsys.readouterr().out
+    assert "head mlm: in the checkpoint, not requested: dropped" in report
+    assert "head vqa: not in the checkpoint: freshly initialised" in report
+    assert not hasattr(ours, "mlm_score")
+    head = ours.vqa_classifier
+    assert [type(m) for m in head] == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear]
+    assert head[0].weight.shape == (512, 256) and head[3].weight.shape == (11, 512)
+    assert abs(head[0].weight.std().item() - 0.02) < 0.002 and head[3].bias.abs().max() == 0
+    ids, mask, pixels = inputs()
+    out = ours.eval()(ids, attention_mask=mask, pixel_values=pixels)
+    assert out.vqa_logits.shape == (3, 11) and out.mlm_logits is None
+
+
+# -----------------------------------------------------------------------------
+# Original Lightning .ckpt
+
+def to_original_names(state):
+    """Our (HF) names -> microsoft/BridgeTower names, written independently of model.py's mapping."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace("text_model.", "text_transformer.", 1) if k.startswith("text_model.") else k
+        if k.startswith("vision_model.visual."):
+            k = "vit_model.visual." + k[len("vision_model.visual."):]
+            k = (k.replace("embeddings.patch_embedding.", "conv1.").replace("embeddings.class_embedding", "class_embedding")
+                 .replace("embeddings.position_embedding.weight", "positional_embedding"))
+        out[k] = v
+    return out
+
+
+def test_original_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    hf = T.BridgeTowerForMaskedLM(hf_tiny_config()).eval()
+    state = {k.removeprefix("bridgetower."): v for k, v in hf.state_dict().items()}
+    original = to_original_names(state)
+    W = 128
+    original.update({  # what the original files also hold, ignored on purpose
+        "vit_model.positional_embedding": torch.zeros(77, 512), "vit_model.ln_final.weight": torch.ones(512),
+        "vit_model.ln_final.bias": torch.zeros(512), "temperature": torch.tensor(0.07),
+        "text_transformer.embeddings.position_ids": torch.arange(514)[None],
+        "itm_score.fc.weight": torch.randn(2, 2 * W), "itm_score.fc.bias": torch.zeros(2),
+        "nlvr2_classifier.0.weight": torch.randn(4, 4 * W),  # a head we do not implement: dropped, reported
+    })
+    path = tmp_path / "BridgeTower_pt_tiny.ckpt"
+    torch.save({"epoch": 3, "global_step": 1000, "state_dict": original, "hyper_parameters": {"config": {}}}, path)
+
+    ours = BridgeTower.from_pretrained(str(path)).eval()
+    c = ours.config
+    assert (c.hidden_size, c.num_heads, c.text_layers, c.vision_layers, c.cross_layers, c.image_size) == (128, 2, 4, 4, 2, 64)
+    assert c.cross_layer_norm_eps == 1e-12 and c.heads == ("mlm", "itm")
+    assert ours.cross_modal_text_layers[0].output.LayerNorm.eps == 1e-12
+    assert ours.mlm_score.transform.LayerNorm.eps == 1e-12
+    assert torch.equal(ours.itm_score.fc.weight, original["itm_score.fc.weight"])
+
+    # The original files carry no head count: it is inferred as hidden_size // 64 (true of RoBERTa base and
+    # large); this tiny model has 4. With those and HF's eps every output equals HF's: all weights landed right.
+    ours = BridgeTower.from_pretrained(str(path), num_heads=4, cross_layer_norm_eps=1e-5).eval()
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        out = ours(ids, attention_mask=mask, pixel_values=pixels)
+    assert_close(out.mlm_logits, ref.logits, "mlm logits")
+
+
+# -----------------------------------------------------------------------------
+# Uni-modal initialisation: RoBERTa and CLIP (HF directories and OpenAI's TorchScript archive)
+
+def our_text_encoder(model, ids, mask):
+    t = model.text_model.embeddings(ids)
+    key_mask = mask.bool() if not mask.all() else None
+    for layer in model.text_model.encoder.layer:
+        t = layer(t, key_mask)
+    return t
+
+
+def our_vision_encoder(model, pixels):
+    visual = model.vision_model.visual
+    v = visual.ln_pre(visual.embeddings(pixels))
+    for block in visual.transformer.resblocks:
+        v = block(v)
+    return v
+
+
+def roberta_config():
+    return T.RobertaConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=256, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("cls", [T.RobertaModel, T.RobertaForMaskedLM])
+def test_text_encoder_from_roberta(tmp_path, cls):
+    torch.manual_seed(6)
+    roberta = cls(roberta_config()).eval()
+    ours = BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB), text_path=saved(roberta, tmp_path)).eval()
+    ids, mask, _ = inputs()
+    body = roberta if cls is T.RobertaModel else roberta.roberta
+    with torch.no_grad():
+        ref = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = our_text_encoder(ours, ids, mask)
+    real = mask.bool()  # HF's padded rows are garbage too, but computed the same way; compare real tokens
+    assert_close(out[real], ref[real], "text encoder")
+
+
+def clip_vision_config(image_size=32):
+    return T.CLIPVisionConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=512,
+                              patch_size=16, image_size=image_size)
+
+
+def check_vision(ours, clip, pixels):
+    """Our blocks vs HF CLIP's encoder, at 64 px from a 32-px position table (interpolated on load)."""
+    with torch.no_grad():
+        ref = clip(pixel_values=pixels, interpolate_pos_encoding=True)
+        v = our_vision_encoder(ours, pixels)
+    assert_close(v, ref.last_hidden_state, "vision blocks")
+    assert_close(ours.vision_model.visual.ln_post(v[:, 0]), ref.pooler_output, "ln_post(class token)")
+
+
+@pytest.mark.parametrize("whole_clip", [False, True])
+def test_vision_encoder_from_hf_clip(tmp_path, whole_clip):
+    torch.manual_seed(7)
+    if whole_clip:
+        text = T.CLIPTextConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64)
+        model = T.CLIPModel(T.CLIPConfig(text_config=text.to_dict(), vision_config=clip_vision_config().to_dict()))
+        clip = model.vision_model.eval()
+    else:
+        model = clip = T.CLIPVisionModel(clip_vision_config()).eval()
+    ours = BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB), vision_path=saved(model, tmp_path)).eval()
+    check_vision(ours, clip, torch.randn(2, 3, 64, 64))
+
+
+class OpenAIArchive(nn.Module):
+    """Holds tensors under OpenAI CLIP's state-dict names; scripted and saved like ViT-B-16.pt."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def openai_archive(clip, path):
+    """Write HF CLIP vision weights in OpenAI's layout (visual.*, packed in_proj, fp16 as OpenAI ships them)
+    plus text-tower tensors, as a TorchScript archive."""
+    sd = {k.removeprefix("vision_model."): v for k, v in clip.state_dict().items()}
+    names = {"embeddings.patch_embedding.weight": "conv1.weight", "embeddings.class_embedding": "class_embedding",
+             "embeddings.position_embedding.weight": "positional_embedding", "pre_layrnorm.weight": "ln_pre.weight",
+             "pre_layrnorm.bias": "ln_pre.bias", "post_layernorm.weight": "ln_post.weight", "post_layernorm.bias": "ln_post.bias"}
+    visual = {new: sd[old] for old, new in names.items()}
+    visual["proj"] = torch.randn(128, 64)
+    for i in range(clip.config.num_hidden_layers):
+        a, b = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            visual[b + f"attn.in_proj_{kind}"] = torch.cat([sd[a + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for old, new in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                visual[b + f"{new}.{kind}"] = sd[a + f"{old}.{kind}"]
+    tensors = {"visual." + k: v for k, v in visual.items()}
+    tensors.update({"positional_embedding": torch.zeros(77, 64), "token_embedding.weight": torch.zeros(50, 64),
+                    "transformer.resblocks.0.ln_1.weight": torch.ones(64), "ln_final.weight": torch.ones(64),
+                    "text_projection": torch.zeros(64, 64), "logit_scale": torch.tensor(4.6)})
+    archive = OpenAIArchive()
+    for name, tensor in tensors.items():
+        owner = archive
+        *parents, leaf = name.split(".")
+        for p in parents:
+            if not hasattr(owner, p):
+                owner.add_module(p, nn.Module())
+            owner = getattr(owner, p)
+        owner.register_parameter(leaf, nn.Parameter(tensor.detach().clone().half(), requires_grad=False))
+    torch.jit.save(torch.jit.script(archive), str(path))
+
+
+def test_vision_encoder_from_openai_archive(tmp_path):
+    torch.manual_seed(8)
+    clip = T.CLIPVisionModel(clip_vision_config()).eval()
+    with torch.no_grad():  # OpenAI ships fp16: round the reference the same way
+        for p in clip.parameters():
+            p.copy_(p.half().float())
+    openai_archive(clip, tmp_path / "ViT-tiny.pt")
+    ours = BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB), vision_path=str(tmp_path / "ViT-tiny.pt"))
+    check_vision(ours.eval(), clip, torch.randn(2, 3, 64, 64))
+
+
+# -----------------------------------------------------------------------------
+# Clear errors on the wrong checkpoint
+
+def test_errors_name_the_file_and_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(9)
+    path = saved(T.BridgeTowerForImageAndTextRetrieval(hf_tiny_config()), tmp_path)
+    weights = os.path.join(path, "model.safetensors")
+    state = load_file(weights)
+    state.pop("bridgetower.cross_modal_text_pooler.dense.bias")
+    state["bridgetower.cross_modal_text_mystery.weight"] = torch.zeros(3)
+    state["itm_score.fc.weight"] = torch.zeros(2, 7)
+    save_file(state, weights)
+    with pytest.raises(CheckpointError) as e:
+        BridgeTower.from_pretrained(path)
+    msg = str(e.value)
+    assert weights in msg
+    assert "missing: cross_modal_text_pooler.dense.bias" in msg
+    assert "unexpected: cross_modal_text_mystery.weight" in msg
+    assert "mis-shaped: itm_score.fc.weight (file (2, 7), model (2, 256))" in msg
+
+    roberta = saved(T.RobertaModel(roberta_config()), tmp_path, "roberta")
+    with pytest.raises(CheckpointError, match="num_hidden_layers=4 \\(model needs 6\\)"):
+        BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, text_layers=6, vision_layers=6), text_path=roberta)
+    state = load_file(os.path.join(roberta, "model.safetensors"))
+    del state["encoder.layer.3.output.dense.weight"]
+    save_file(state, os.path.join(roberta, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing: text_model.encoder.layer.3.output.dense.weight"):
+        BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB), text_path=roberta)
+    with pytest.raises(CheckpointError, match="not a BridgeTower checkpoint"):
+        torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "foo.ckpt")
+        BridgeTower.from_pretrained(str(tmp_path / "foo.ckpt"))
+
+
+# -----------------------------------------------------------------------------
+# Behaviour of our own model
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(10)
+    config = BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, link_tower_type="scaled_add",
+                                      share_cross_modal_transform=True, heads=("mlm", "itm", "itc", "vqa"), num_vqa_answers=5)
+    model = BridgeTower(config).train()
+    ids, mask, pixels = inputs(batch=4)
+    out = model(ids, attention_mask=mask, pixel_values=pixels)
+    loss = (F.cross_entropy(out.mlm_logits.flatten(0, 1), ids.flatten()) + F.cross_entropy(out.itm_logits, torch.tensor([1, 0, 1, 0]))
+            + contrastive_loss(out.text_embeds, out.image_embeds, out.cross_embeds, model.logit_scale)
+            + F.binary_cross_entropy_with_logits(out.vqa_logits, torch.rand(4, 5)))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not no_grad, no_grad
+
+
+def test_unshared_transforms_get_gradients():
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, share_cross_modal_transform=False, heads=("itm",)))
+    ids, mask, pixels = inputs()
+    model(ids, attention_mask=mask, pixel_values=pixels).itm_logits.sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not no_grad, no_grad
+
+
+def test_mlm_pass_and_positions():
+    """heads=("mlm",) skips what MLM does not read, with the same logits; mlm_positions picks rows."""
+    torch.manual_seed(11)
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB)).eval()
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, pixel_values=pixels)
+        mlm = model(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",))
+        where = torch.rand(ids.shape) < 0.3
+        picked = model(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), mlm_positions=where)
+    assert torch.equal(full.mlm_logits, mlm.mlm_logits)
+    assert mlm.image_features is None and mlm.pooler_output is None and mlm.itm_logits is None
+    torch.testing.assert_close(picked.mlm_logits, full.mlm_logits[where])
+    with pytest.raises(ValueError, match="vqa"):
+        model(ids, pixel_values=pixels, heads=("vqa",))
+
+
+def test_padding_is_invisible():
+    """Whatever sits in padded positions changes nothing at the real tokens, nor the pooled output;
+    an all-ones mask is the same as none."""
+    torch.manual_seed(12)
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("itm",))).eval()
+    ids, mask, pixels = inputs()
+    other = torch.where(mask.bool(), ids, torch.randint(5, VOCAB, ids.shape))
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask, pixel_values=pixels)
+        b = model(other, attention_mask=mask, pixel_values=pixels)
+        c = model(ids[:1], attention_mask=mask[:1], pixel_values=pixels[:1])
+        d = model(ids[:1], pixel_values=pixels[:1])
+    # positions come from the pad id, so change ids only where they stay non-pad tokens: a mask-only difference
+    real = mask.bool()
+    torch.testing.assert_close(a.text_features[real], b.text_features[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.image_features, b.image_features, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, rtol=0, atol=1e-5)
+    assert torch.equal(c.pooler_output, d.pooler_output)
+
+
+def test_config_checks_and_presets():
+    tiny = BridgeTowerConfig.preset("tiny", vocab_size=300)
+    assert (tiny.hidden_size, tiny.num_heads, tiny.vision_heads, tiny.cross_layers, tiny.image_grid) == (128, 4, 2, 2, 4)
+    large = BridgeTowerConfig.preset("large")
+    assert (large.patch_size, large.image_size, large.image_grid ** 2 + 1) == (14, 294, 442)
+    for bad in (dict(heads=("mlm", "nlvr2")), dict(link_tower_type="concat"), dict(vision_width=100),
+                dict(heads=("itc",), share_cross_modal_transform=False), dict(cross_layers=13)):
+        with pytest.raises(ValueError):
+            BridgeTowerConfig(**bad)
+    assert config_to_hf(tiny)["vision_config"]["hidden_size"] == 128
+
+
+# -----------------------------------------------------------------------------
+# A released checkpoint (HF's published checks), only when one is at hand
+
+@pytest.mark.slow
+def test_released_checkpoint():
+    """BRIDGETOWER_CKPT: an HF bridgetower-base-itm-mlm directory (with its tokenizer files);
+    BRIDGETOWER_IMAGE: COCO val2017 000000039769 (two cats on a couch), HF's test image."""
+    path, image_path = os.environ.get("BRIDGETOWER_CKPT"), os.environ.get("BRIDGETOWER_IMAGE")
+    if not path or not image_path:
+        pytest.skip("set BRIDGETOWER_CKPT (HF bridgetower-base-itm-mlm dir) and BRIDGETOWER_IMAGE (COCO 000000039769)")
+    from PIL import Image
+    processor = T.BridgeTowerProcessor.from_pretrained(path)
+    image = Image.open(image_path).convert("RGB")
+    ours = BridgeTower.from_pretrained(path).eval()
+    hf_mlm = T.BridgeTowerForMaskedLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        enc = processor(image, "a bunch of <mask> laying on a tower.", return_tensors="pt")
+        out = ours(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=enc["pixel_values"])
+        assert processor.decode([out.mlm_logits[0, 4].argmax().item()]) == " cats"
+        assert_close(out.mlm_logits, hf_mlm(**enc).logits, "mlm logits on real weights")
+        enc = processor(image, "a bunch of cats laying on a tower.", return_tensors="pt")
+        out = ours(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=enc["pixel_values"])
+        assert out.itm_logits[0, 1] > out.itm_logits[0, 0]
+        loss = F.cross_entropy(out.itm_logits, torch.tensor([1])).item()
+        print(f"ITM loss (label match): {loss:.4f}")
