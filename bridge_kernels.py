@@ -17,7 +17,6 @@ add_layer_norm() and attention() always run Triton: on a CPU that needs TRITON_I
 before triton is imported.
 """
 
-import math
 import os
 import sys
 
@@ -50,9 +49,18 @@ except ImportError:  # torch-only install: the kernels below are defined but nev
 
     triton = tl = _NoTriton()
 
-# Triton's interpreter runs the kernels with numpy on the CPU. It must be chosen before triton
-# builds the kernels (at import), so we read the same switch once, here.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _triton_interprets():
+    try:
+        return bool(triton.knobs.runtime.interpret)  # the switch @triton.jit reads
+    except AttributeError:  # triton < 3.4 has no knobs
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Triton's interpreter runs the kernels with numpy on the CPU. @triton.jit picks it when it builds
+# a kernel, at import, so we read the switch once, here.
+INTERPRET = HAS_TRITON and _triton_interprets()
 # The interpreter's tl.dot multiplies bfloat16 operands as their raw uint16 bits (triton 3.9), so
 # under the interpreter _dot upcasts them first. Compiled kernels are unaffected.
 _UPCAST_DOT = tl.constexpr(INTERPRET)
@@ -271,6 +279,8 @@ def add_layer_norm(h, c, weight, bias, eps=1e-5, link_type="add", scalar=None):
     if h.shape != c.shape:
         raise ValueError(f"add_layer_norm: h {tuple(h.shape)} and c {tuple(c.shape)} differ")
     dtype = torch.promote_types(h.dtype, c.dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"add_layer_norm: inputs must be fp32, bf16 or fp16, got {dtype}")
     h, c = h.to(dtype), c.to(dtype)
     return _AddLayerNorm.apply(h, c, weight, bias, scalar, float(eps), LINK_TYPES[link_type])
 
@@ -800,18 +810,19 @@ def _ms(fn, grad_to_none=None):
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
 
 
-def bench_add_layer_norm(batch, dtype, widths=(768, 1024), lengths=(50, 325, 1297), eps=1e-5):
+def bench_add_layer_norm(batch, dtype, widths=(768, 1024), lengths=(50, 325, 1297), eps=1e-5, device="cuda"):
     print(f"\nadd + LayerNorm, {dtype}: time in ms, effective GB/s counts the minimum traffic "
           "(forward: read h, c, write y; backward: read dy, h, c, write dx)")
-    print(f"{'rows x width':>18} {'pass':>8} | {'fused':>14} {'eager':>14} {'compile':>14} | {'vs eager':>8} {'vs compile':>10}")
+    names = "".join(f"{name + ' ms':>12}{'GB/s':>6}" for name in ("fused", "eager", "compile"))
+    print(f"{'rows x width':>14} {'pass':>8} |{names} | fused speed-up vs eager, vs compile")
     for n in widths:
         for length in lengths:
             m = batch * length
-            h = torch.randn(m, n, device="cuda", dtype=dtype, requires_grad=True)
-            c = torch.randn(m, n, device="cuda", dtype=dtype, requires_grad=True)
-            w = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
-            b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
-            dy = torch.randn(m, n, device="cuda", dtype=dtype)
+            h = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
+            c = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(m, n, device=device, dtype=dtype)
             torch._dynamo.reset()  # a fresh compile per shape, no recompile limit reached
 
             def eager(h, c, w, b):
@@ -829,25 +840,26 @@ def bench_add_layer_norm(batch, dtype, widths=(768, 1024), lengths=(50, 325, 129
                         t = _ms(lambda: fn(h, c, w, b).backward(dy), grad_to_none=[h, c, w, b])
                     times.append(t)
                     gbs.append(nbytes * m * n * h.element_size() / t * 1e-6)
-                cells = " ".join(f"{t:6.3f} {g:6.0f}GB" for t, g in zip(times, gbs))
-                print(f"{f'{m} x {n}':>18} {name:>8} | {cells} | {times[1] / times[0]:7.2f}x {times[2] / times[0]:9.2f}x")
+                cells = "".join(f"{t:12.3f}{g:6.0f}" for t, g in zip(times, gbs))
+                print(f"{f'{m} x {n}':>14} {name:>8} |{cells} | {times[1] / times[0]:5.2f}x {times[2] / times[0]:5.2f}x")
 
 
 def bench_attention(batch, dtype, heads=12, head_dim=64,
-                    shapes=((50, 50), (325, 325), (1297, 1297), (50, 325), (325, 50), (1297, 50))):
+                    shapes=((50, 50), (325, 325), (1297, 1297), (50, 325), (325, 50), (1297, 50)), device="cuda"):
     print(f"\nattention B={batch} H={heads} D={head_dim}, {dtype}: time in ms and TFLOP/s "
           "(forward 4*B*H*Lq*Lk*D flops, backward 2.5x that, masked keys counted); "
           "text keys (Lk=50) 30% padded")
-    print(f"{'Lq x Lk':>12} {'mask':>5} {'pass':>8} | {'fused':>16} {'sdpa':>16} | {'vs sdpa':>7}")
+    names = "".join(f"{name + ' ms':>11}{'TFLOP/s':>8}" for name in ("fused", "sdpa"))
+    print(f"{'Lq x Lk':>12} {'mask':>5} {'pass':>8} |{names} | fused speed-up vs sdpa")
     for lq, lk in shapes:
         def make(length):
             # the model's layout: (B, L, H, D) memory seen as (B, H, L, D)
-            return torch.randn(batch, length, heads, head_dim, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+            return torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
         q, k, v = make(lq), make(lk), make(lk)
         do = torch.randn_like(q)
         key_mask = None
         if lk == 50:  # text keys: 35 of 50 tokens real
-            key_mask = torch.zeros(batch, lk, device="cuda", dtype=torch.bool)
+            key_mask = torch.zeros(batch, lk, device=device, dtype=torch.bool)
             key_mask[:, :35] = True
         sdpa_mask = None if key_mask is None else key_mask[:, None, None, :]
         impls = {"fused": lambda: attention(q, k, v, key_mask),
@@ -861,8 +873,8 @@ def bench_attention(batch, dtype, heads=12, head_dim=64,
                         times.append(_ms(fn))
                 else:
                     times.append(_ms(lambda: fn().backward(do), grad_to_none=[q, k, v]))
-            cells = " ".join(f"{t:7.3f} {mult * flops / t * 1e-9:5.0f}TF" for t in times)
-            print(f"{f'{lq} x {lk}':>12} {'yes' if key_mask is not None else 'no':>5} {name:>8} | {cells} | {times[1] / times[0]:6.2f}x")
+            cells = "".join(f"{t:11.3f}{mult * flops / t * 1e-9:8.1f}" for t in times)
+            print(f"{f'{lq} x {lk}':>12} {'yes' if key_mask is not None else 'no':>5} {name:>8} |{cells} | {times[1] / times[0]:5.2f}x")
 
 
 def main(argv):

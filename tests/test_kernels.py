@@ -139,6 +139,8 @@ def test_add_layer_norm_argument_errors():
         bk.add_layer_norm(h, h, w, b, 1e-5, "add", torch.tensor(1.0))
     with pytest.raises(ValueError, match="differ"):
         bk.add_layer_norm(h, torch.randn(2, 1, 8), w, b)
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        bk.add_layer_norm(h.double(), h, w, b)
 
 
 # -----------------------------------------------------------------------------
