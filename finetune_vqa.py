@@ -2,18 +2,89 @@
 Fine-tune BridgeTower on VQAv2 and score it with the official VQA accuracy.
 
     python finetune_vqa.py                                   # demo: synthetic VQA set, tiny model, CPU, ~3 min
-    python finetune_vqa.py config/finetune_vqa_base.py --data_dir=/data/vqav2 --init_from=/ckpt/pretrain
-    torchrun --standalone --nproc_per_node=8 finetune_vqa.py config/finetune_vqa_base.py --data_dir=...
+    python finetune_vqa.py --resume                          # continue a killed run from out_dir/ckpt.pt
+    torchrun --nproc_per_node=8 finetune_vqa.py config/finetune_vqa_base.py    # the paper's recipe
     python finetune_vqa.py --predict --image=cat.jpg --question="what is this?" [--checkpoint=out/vqa/final]
 
-The data path is the same for the demo and the real data: the synthetic set is written to disk in the
-VQAv2 JSON schema with COCO-named JPEG files, then read back by the VQAv2 reader.
+The demo and the real data take the same path: the synthetic set is written to disk in the VQAv2 JSON schema
+with COCO-named JPEG files (out/vqa_synthetic), then read back by the VQAv2 reader. The run directory gets
+answers.json (the answer vocabulary), metrics.jsonl, ckpt.pt, eval_<split>.json (the evaluation summary),
+results_<split>.json (predictions in the submission format, for the evaluation and the test split) and final/
+(save_pretrained, answers.json and the tokenizer files), which --predict loads.
 """
 
 import json
 import os
+import random
 import re
+import shutil
+import sys
+import time
 from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train_utils as tu
+
+# -----------------------------------------------------------------------------
+# default config: the CPU demo (config/finetune_vqa_base.py has the paper's recipe)
+# I/O
+out_dir = "out/vqa"          # run directory
+log_interval = 20            # steps between printed lines (every step goes to metrics.jsonl)
+eval_interval = 0            # steps between evaluations on eval_split (0: only at the end)
+ckpt_interval = 100          # steps between checkpoints (0: only at the end)
+resume = False               # continue from out_dir/ckpt.pt
+# initialisation
+init_from = "auto"           # BridgeTower checkpoint (HF dir, original .ckpt, our dir); "auto": the pre-training
+                             # demo's out/pretrain/final if it exists, else random weights of model_size
+model_size = "tiny"          # BridgeTowerConfig preset for random weights
+image_size = 96              # pixels (576 in the paper, position embeddings interpolated from the checkpoint's)
+dropout = 0.1                # hidden and attention dropout of random-weight models
+tokenizer_dir = ""           # "" -> init_from's tokenizer files, else the demo tokenizer
+# data
+data_dir = ""                # VQAv2 json files; "" -> the synthetic set, written to synthetic_dir
+image_root = ""              # COCO image folders train2014/ val2014/ test2015/; "" -> data_dir
+synthetic_dir = "out/vqa_synthetic"
+synthetic_images = 1500      # synthetic training images (3 questions each); validation and test get a fifth
+train_splits = "train2014"   # comma-joined; "train2014,val2014" is the paper's train+val
+vocab_splits = "train2014,val2014"  # answers counted over these annotations (the original: train+val)
+min_answer_count = 9         # answers kept if they are the (normalised) majority answer this often (3129 on VQAv2)
+eval_split = "val2014"       # scored with the official accuracy ("" to skip)
+eval_holdout = 0             # if eval_split is also trained on: its last eval_holdout images are held out (original: 1000)
+test_split = "test2015"      # predictions in the submission format ("" to skip); test-dev2015 for test-dev
+max_text_len = 50            # question tokens (the original: 50)
+crop_scale = (0.5, 1.0)      # random resized crop, area fraction (no flip: "left" must stay left)
+randaugment = (2, 5)         # RandAugment (ops per image, magnitude)
+num_workers = 0              # loader processes per rank
+# optimisation
+batch_size = 32              # global batch: all ranks and micro-steps together
+micro_batch_size = 32        # per rank and micro-step
+epochs = 10                  # passes over the training questions
+max_steps = 0                # 0: epochs x steps per epoch; else stop (and schedule) at max_steps
+lr = 1e-4
+warmup_ratio = 0.06          # of the steps, then linear decay to 0
+weight_decay = 0.05
+betas = (0.9, 0.98)
+adam_eps = 1e-8
+lr_mult_heads = 50.0         # vqa_classifier
+lr_mult_cross_modal = 5.0    # every cross_modal* parameter
+grad_clip = 0.0              # 0: no clipping (the original does not clip)
+# system
+device = "auto"              # auto: cuda when available, else cpu
+dtype = "auto"               # auto: bfloat16 autocast on CUDA, float32 on CPU
+compile = False              # torch.compile the model
+seed = 0
+# --predict: top-5 answers for one image and question from a saved model dir
+predict = False
+image = ""                   # image file
+question = ""
+checkpoint = ""              # saved model dir (save_pretrained + answers.json + tokenizer); "" -> out_dir/final
+# -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # The official VQA accuracy, after GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py
@@ -191,3 +262,545 @@ def attach_targets(questions, annotations, answer_to_label):
         else:
             dropped += 1
     return kept, dropped
+
+
+# -----------------------------------------------------------------------------
+# The embedded synthetic VQA set: questions about data.py's scenes of coloured shapes, with 10 human
+# answers that sometimes disagree, written to disk as VQAv2 files so that the real reader is what runs.
+
+SYNTHETIC_SPLITS = {"train2014": 0, "val2014": 1, "test2015": 2}   # split -> image id block (ids never shared)
+QUESTIONS_PER_IMAGE = 3
+
+
+def _center_x(obj):
+    return (obj["bbox"][0] + obj["bbox"][2]) / 2
+
+
+def scene_questions(objects, size, rng):
+    """Every question one can ask about a scene: (question, answer, answer_type, question_type, wrong answers
+    an annotator might give)."""
+    from data import COLORS, SHAPES
+    shape_count = Counter(o["shape"] for o in objects)
+    color_count = Counter(o["color"] for o in objects)
+    pair_count = Counter((o["color"], o["shape"]) for o in objects)
+    qs = []
+    for o in objects:
+        if shape_count[o["shape"]] == 1:
+            qs.append((f"what color is the {o['shape']}?", o["color"], "other", "what color is the", list(COLORS)))
+        if color_count[o["color"]] == 1:
+            qs.append((f"what shape is the {o['color']} object?", o["shape"], "other", "what shape is the", SHAPES))
+        # only objects clearly off the centre: a random crop must not move them across it
+        if pair_count[(o["color"], o["shape"])] == 1 and abs(_center_x(o) - size / 2) > 0.2 * size:
+            side = "left" if _center_x(o) < size / 2 else "right"
+            qs.append((f"is the {o['color']} {o['shape']} on the left or the right?", side, "other", "is the",
+                       ("left", "right", "middle")))
+    shape = rng.choice(SHAPES)
+    numbers = ("0", "1", "2", "3", "4")
+    qs.append((f"how many {shape}s are there?", str(shape_count[shape]), "number", "how many", numbers))
+    qs.append(("how many objects are there?", str(len(objects)), "number", "how many", numbers))
+    if rng.random() < 0.5 and objects:
+        o = rng.choice(objects)
+        qs.append((f"is there a {o['color']} {o['shape']}?", "yes", "yes/no", "is there a", ("yes", "no")))
+    else:
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in pair_count]
+        c, s = rng.choice(absent)
+        qs.append((f"is there a {c} {s}?", "no", "yes/no", "is there a", ("yes", "no")))
+    return qs
+
+
+NUMBER_NAMES = ("zero", "one", "two", "three", "four")
+
+
+def human_answers(answer, alternatives, rng):
+    """10 annotator answers: most give the right one, a few a plausible wrong one; now and then one writes
+    the answer differently ("two" for "2", "red." for "red"), which the normalisation must undo."""
+    n_wrong = rng.choice((0, 0, 0, 0, 1, 1, 2, 3))
+    answers = [answer] * (10 - n_wrong) + [rng.choice([a for a in alternatives if a != answer])
+                                           for _ in range(n_wrong)]
+    if rng.random() < 0.2:
+        answers[0] = NUMBER_NAMES[int(answer)] if answer.isdigit() and int(answer) < 5 else answer + "."
+    rng.shuffle(answers)
+    return answers
+
+
+def write_synthetic_vqa(out_dir, images_per_split, image_px=128, seed=0):
+    """Write the synthetic set (questions, annotations, COCO-named JPEGs) unless out_dir already holds the
+    same one. images_per_split: {"train2014": n, "val2014": n, "test2015": n}; test gets no annotations, and
+    a test-dev2015 questions file covers the first half of the test images, as in the real release."""
+    from data import make_scene
+    stamp = json.dumps({"images": images_per_split, "px": image_px, "seed": seed, "version": 1}, sort_keys=True)
+    stamp_path = os.path.join(out_dir, "synthetic.json")
+    if os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
+        return out_dir
+    info = {"description": "BridgeTower synthetic VQA (coloured shapes)", "version": "synthetic-1"}
+    for split, n_images in images_per_split.items():
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        questions, annotations = [], []
+        for i in range(n_images):
+            image_id = SYNTHETIC_SPLITS[split] * 1_000_000 + i + 1
+            rng = random.Random(f"vqa-{seed}-{split}-{i}")  # str seeds: stable across processes and runs
+            img, objects = make_scene(rng, image_px)
+            img.save(image_path(out_dir, split, image_id), quality=95)
+            candidates = scene_questions(objects, image_px, rng)
+            for k, (q, a, answer_type, question_type, wrong) in enumerate(rng.sample(candidates, QUESTIONS_PER_IMAGE)):
+                qid = image_id * 1000 + k  # the real files' numbering
+                questions.append({"image_id": image_id, "question": q, "question_id": qid})
+                answers = human_answers(a, wrong, rng)
+                annotations.append({
+                    "question_type": question_type, "multiple_choice_answer": Counter(answers).most_common(1)[0][0],
+                    "answers": [{"answer": x, "answer_confidence": "yes", "answer_id": j + 1} for j, x in enumerate(answers)],
+                    "image_id": image_id, "answer_type": answer_type, "question_id": qid})
+        _write_json(questions_path(out_dir, split), {"info": info, "task_type": "Open-Ended", "data_type": "mscoco",
+                                                     "data_subtype": split, "questions": questions})
+        if split.startswith("test"):
+            dev_images = {1_000_000 * SYNTHETIC_SPLITS[split] + i + 1 for i in range(n_images // 2)}
+            _write_json(questions_path(out_dir, "test-dev2015"), {
+                "info": info, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": "test-dev2015",
+                "questions": [q for q in questions if q["image_id"] in dev_images]})
+        else:
+            _write_json(annotations_path(out_dir, split), {"info": info, "data_type": "mscoco", "data_subtype": split,
+                                                           "annotations": annotations})
+    with open(stamp_path, "w") as f:
+        f.write(stamp)
+    return out_dir
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Batches. A sample is (question, image, soft targets); its augmentation is drawn from a seed made of
+# (run seed, epoch, index), so the batches do not depend on the number of loader workers or on a resume.
+
+class VQADataset(torch.utils.data.Dataset):
+    """Indexed by (item index, augmentation seed) pairs, which the batch schedule below produces."""
+
+    def __init__(self, items, transform, num_answers):
+        self.items, self.transform, self.num_answers = items, transform, num_answers
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        from PIL import Image
+        i, aug_seed = key
+        item = self.items[i]
+        with Image.open(item["image"]) as img:
+            pixels = self.transform(img, random.Random(aug_seed))
+        target = torch.zeros(self.num_answers)
+        target[item.get("labels", [])] = torch.tensor(item.get("scores", []), dtype=torch.float32)
+        return pixels, item["question"], target, item["question_id"]
+
+
+class Collate:
+    """Stack images and targets, tokenize the questions (padded to the longest). A class, not a closure, so that
+    loader worker processes can pickle it."""
+
+    def __init__(self, tokenizer, max_len):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, samples):
+        pixels, questions, targets, qids = zip(*samples)
+        text = self.tokenizer(list(questions), max_length=self.max_len, padding="longest")
+        return {"pixel_values": torch.stack(pixels), "input_ids": text["input_ids"],
+                "attention_mask": text["attention_mask"], "targets": torch.stack(targets),
+                "question_ids": torch.tensor(qids)}
+
+
+def micro_batch_schedule(n_items, start_step, accum, dist):
+    """This rank's micro-batches of (index, augmentation seed), from optimiser step start_step on, forever.
+
+    Epoch e visits the items in the order of a permutation seeded by seed + e, cut into global batches of
+    batch_size (the remainder is dropped); global batch b is cut into accum x world_size micro-batches and rank r
+    takes number k * world_size + r at micro-step k. Resuming at step s yields exactly what the uninterrupted run
+    would have yielded from step s on."""
+    steps_per_epoch = n_items // batch_size
+    epoch, first = divmod(start_step, steps_per_epoch)
+    while True:
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for b in range(first, steps_per_epoch):
+            batch = order[b * batch_size:(b + 1) * batch_size]
+            for k in range(accum):
+                part = k * dist.world_size + dist.rank
+                yield [(i, f"{seed}-{epoch}-{i}") for i in batch[part * micro_batch_size:(part + 1) * micro_batch_size]]
+        epoch, first = epoch + 1, 0
+
+
+def make_loader(dataset, batches, tokenizer):
+    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which would
+    # shift the dropout masks of a resumed run (samples are seeded by micro_batch_schedule, not by this).
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(tokenizer, max_text_len),
+                                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# Data set assembly
+
+def splits_of(spec):
+    return [s for s in spec.split(",") if s]
+
+
+def prepare_data(dist):
+    """The data root (writing the synthetic set first when there is no data_dir) and its image root."""
+    if data_dir:
+        return data_dir, image_root or data_dir
+    if dist.is_master:
+        n = synthetic_images
+        write_synthetic_vqa(synthetic_dir, {"train2014": n, "val2014": max(1, n // 5), "test2015": max(2, n // 5)},
+                            seed=seed)
+    if dist.world_size > 1:
+        torch_dist.barrier()  # the other ranks read what rank 0 wrote
+    return synthetic_dir, synthetic_dir
+
+
+def holdout_images(questions):
+    """The last eval_holdout images of a split (in question-file order): kept out of training, evaluated on."""
+    image_ids = list(dict.fromkeys(q["image_id"] for q in questions))
+    return set(image_ids[len(image_ids) - eval_holdout:]) if eval_holdout else set()
+
+
+def load_training_set(root, images, answer_to_label, held_out):
+    """Training questions with targets, over train_splits, minus held-out images. Returns (items, annotations
+    of the kept questions, number dropped for having no answer in the vocabulary)."""
+    items, annotations, dropped = [], [], 0
+    for split in splits_of(train_splits):
+        questions = [q for q in load_questions(root, split, images) if q["image_id"] not in held_out.get(split, ())]
+        split_annotations = load_annotations(root, split)
+        if split_annotations is None:
+            raise FileNotFoundError(f"no annotations for training split {split}: {annotations_path(root, split)}")
+        kept, n_dropped = attach_targets(questions, split_annotations, answer_to_label)
+        items += kept
+        dropped += n_dropped
+        kept_ids = {q["question_id"] for q in kept}
+        annotations += [a for a in split_annotations if a["question_id"] in kept_ids]
+    return items, annotations, dropped
+
+
+def load_eval_set(root, images, held_out):
+    """(questions, annotations) of eval_split: all of it, or its held-out images when it is also trained on."""
+    questions = load_questions(root, eval_split, images)
+    annotations = load_annotations(root, eval_split)
+    if annotations is None:
+        raise FileNotFoundError(f"eval_split {eval_split} has no annotations: {annotations_path(root, eval_split)}")
+    if eval_split in splits_of(train_splits):
+        keep = held_out[eval_split]
+        if not keep:
+            raise ValueError(f"eval_split {eval_split} is also a training split: set eval_holdout > 0")
+        questions = [q for q in questions if q["image_id"] in keep]
+    ids = {q["question_id"] for q in questions}
+    return questions, [a for a in annotations if a["question_id"] in ids]
+
+
+# -----------------------------------------------------------------------------
+# Model, tokenizer, optimiser
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+PRETRAIN_DEMO_MODEL = "out/pretrain/final"   # where `python pretrain.py` leaves its final model
+
+
+def resolve_init():
+    """The checkpoint to start from, or "" for random weights."""
+    if init_from != "auto":
+        return init_from
+    return PRETRAIN_DEMO_MODEL if os.path.exists(os.path.join(PRETRAIN_DEMO_MODEL, "config.json")) else ""
+
+
+def load_tokenizer(init_path):
+    """(tokenizer, its directory): tokenizer_dir, else the checkpoint's own files, else the demo tokenizer."""
+    from data import Tokenizer, demo_tokenizer
+    for d in (tokenizer_dir, init_path):
+        if d and os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES):
+            return Tokenizer.from_dir(d), d
+    if tokenizer_dir:
+        raise FileNotFoundError(f"no tokenizer files in tokenizer_dir={tokenizer_dir!r}")
+    cache = os.path.join(os.path.dirname(out_dir.rstrip("/")) or ".", "tokenizer")
+    return demo_tokenizer(cache_dir=cache), cache
+
+
+def build_model(init_path, vocab_size, num_answers):
+    from model import BridgeTower, BridgeTowerConfig
+    if init_path:
+        # a new VQA head; the image position table is interpolated to image_size (288 -> 576 in the paper)
+        return BridgeTower.from_pretrained(init_path, image_size=image_size, heads=("vqa",),
+                                           num_vqa_answers=num_answers)
+    config = BridgeTowerConfig.preset(model_size, vocab_size=vocab_size, image_size=image_size, heads=("vqa",),
+                                      num_vqa_answers=num_answers, hidden_dropout=dropout, attention_dropout=dropout)
+    return BridgeTower(config)
+
+
+def make_optimizer(model, device):
+    groups = tu.param_groups(model, weight_decay, {"vqa_classifier": lr_mult_heads,
+                                                   "cross_modal": lr_mult_cross_modal})
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=adam_eps, fused=device.type == "cuda")
+
+
+def autocast_for(device):
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def vqa_loss(model, batch, device, autocast=nullcontext()):
+    """BCE-with-logits against the soft scores, times the number of answers (the original's scaling: a sum over
+    answers, a mean over questions). Also the VQA score of the top answer, as the original logs in training."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with autocast:
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], heads=("vqa",)).vqa_logits
+    logits, targets = logits.float(), batch["targets"]
+    loss = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
+    score = targets.gather(1, logits.argmax(1, keepdim=True)).mean()
+    return loss, {"vqa_score": score.detach()}
+
+
+# -----------------------------------------------------------------------------
+# Prediction and evaluation
+
+@torch.no_grad()
+def predict_answers(model, questions, answers, tokenizer, dist, autocast=nullcontext(), batch=64):
+    """{question_id: answer} for every question: each rank answers its share, all ranks get the union."""
+    from data import eval_transform
+    model.eval()
+    mine = questions[dist.rank::dist.world_size]
+    dataset = VQADataset(mine, eval_transform(image_size), len(answers))
+    loader = make_loader(dataset, [[(i, "") for i in range(s, min(s + batch, len(mine)))]
+                                   for s in range(0, len(mine), batch)], tokenizer)
+    predictions = {}
+    for b in loader:
+        with autocast:
+            logits = model(b["input_ids"].to(dist.device), attention_mask=b["attention_mask"].to(dist.device),
+                           pixel_values=b["pixel_values"].to(dist.device), heads=("vqa",)).vqa_logits
+        for qid, k in zip(b["question_ids"].tolist(), logits.argmax(1).tolist()):
+            predictions[qid] = answers[k]
+    if dist.world_size > 1:
+        shards = [None] * dist.world_size
+        torch_dist.all_gather_object(shards, predictions)
+        predictions = {k: v for shard in shards for k, v in shard.items()}
+    model.train()
+    return predictions
+
+
+def results_json(predictions):
+    """The submission format: [{"question_id": int, "answer": str}]."""
+    return [{"question_id": int(q), "answer": a} for q, a in sorted(predictions.items())]
+
+
+def majority_answer(annotations):
+    return Counter(normalize_answer(a["multiple_choice_answer"]) for a in annotations).most_common(1)[0][0]
+
+
+@torch.no_grad()
+def predict_top(model, tokenizer, answers, image_file, text, k=5):
+    """[(answer, probability)] of the k best answers for one image and question."""
+    from PIL import Image
+    from data import eval_transform
+    model.eval()
+    with Image.open(image_file) as img:
+        pixels = eval_transform(model.config.image_size)(img)[None]
+    enc = tokenizer([text], max_length=max_text_len, padding="longest")
+    logits = model(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels,
+                   heads=("vqa",)).vqa_logits[0]
+    probs, idx = logits.sigmoid().topk(min(k, len(answers)))
+    return [(answers[i], p) for i, p in zip(idx.tolist(), probs.tolist())]
+
+
+def load_finetuned(path):
+    """(model, tokenizer, answers) from a saved fine-tuned model dir."""
+    from data import Tokenizer
+    from model import BridgeTower
+    with open(os.path.join(path, "answers.json")) as f:
+        answers = json.load(f)
+    return BridgeTower.from_pretrained(path), Tokenizer.from_dir(path), answers
+
+
+def run_predict():
+    path = checkpoint or os.path.join(out_dir, "final")
+    if not image or not question:
+        raise ValueError("--predict needs --image=path.jpg and --question=\"...\"")
+    model, tokenizer, answers = load_finetuned(path)
+    print(f"Q: {question}")
+    for answer, p in predict_top(model, tokenizer, answers, image, question):
+        print(f"{p:.3f}  {answer}")
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def accumulation_steps(world_size):
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size={micro_batch_size} "
+                         f"x {world_size} processes")
+    return batch_size // per_step
+
+
+def evaluate(model, eval_questions, eval_annotations, answers, tokenizer, dist, autocast, majority):
+    """Official accuracy on the evaluation questions, and that of always answering the training majority answer."""
+    predictions = predict_answers(model, eval_questions, answers, tokenizer, dist, autocast)
+    result = vqa_accuracy(predictions, eval_annotations)
+    baseline = vqa_accuracy({a["question_id"]: majority for a in eval_annotations}, eval_annotations)
+    return predictions, result, baseline["overall"]
+
+
+def main():
+    config = tu.configure(globals())
+    if predict:
+        return run_predict()
+    dist = tu.setup_distributed(device)
+    t_start = time.time()
+    accum = accumulation_steps(dist.world_size)
+    root, images = prepare_data(dist)
+
+    # the answer vocabulary: from the annotations, or from the checkpoint when resuming (it must not move)
+    ckpt = tu.load_latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        answers = ckpt["answers"]
+    else:
+        vocab_annotations = []
+        for split in splits_of(vocab_splits):
+            vocab_annotations += load_annotations(root, split) or []
+        answers = build_answer_vocab(vocab_annotations, min_answer_count)
+        del vocab_annotations
+    answer_to_label = {a: i for i, a in enumerate(answers)}
+    held_out = {s: holdout_images(load_questions(root, s, images)) for s in splits_of(train_splits)}
+    train_items, train_annotations, dropped = load_training_set(root, images, answer_to_label, held_out)
+    majority = majority_answer(train_annotations)
+    if dist.is_master:
+        print(f"data: {root} | {len(answers)} answers (seen >= {min_answer_count}x) | {len(train_items)} training "
+              f"questions from {train_splits}, {dropped} dropped (no answer in the vocabulary)")
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(os.path.join(out_dir, "answers.json"), answers)
+
+    init_path = resolve_init()
+    tokenizer, tok_dir = load_tokenizer(init_path)
+    torch.manual_seed(seed)  # the same initial head on every rank (DDP also broadcasts rank 0's)
+    if ckpt is not None:
+        from model import BridgeTower, BridgeTowerConfig
+        model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        if ckpt["world_size"] != dist.world_size or ckpt["accum"] != accum:
+            raise ValueError(f"checkpoint was written by {ckpt['world_size']} processes x {ckpt['accum']} micro-steps; "
+                             f"resuming needs the same to keep the data order")
+    else:
+        if resume and dist.is_master:
+            print(f"resume: no checkpoint in {out_dir}, starting from scratch")
+        model = build_model(init_path, tokenizer.vocab_size, len(answers))
+    model.to(dist.device)
+    optimizer = make_optimizer(model, dist.device)
+    steps_per_epoch = len(train_items) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_items)} training questions do not fill one batch of {batch_size}")
+    total_steps = max_steps or epochs * steps_per_epoch
+    step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        tu.set_rng_state(ckpt["rng"][dist.rank])
+        if dist.is_master:
+            print(f"resumed from {out_dir}/{tu.CKPT_NAME} at step {step}")
+    else:
+        torch.manual_seed(seed + dist.rank)  # each rank draws its own dropout masks
+    start_step = step
+    del ckpt
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
+    if dist.world_size > 1:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+    autocast = autocast_for(dist.device)
+    loss_fn = lambda m, b: vqa_loss(m, b, dist.device, autocast)
+
+    from data import train_transform
+    dataset = VQADataset(train_items, train_transform(image_size, scale=crop_scale, randaugment=randaugment),
+                         len(answers))
+    loader = iter(make_loader(dataset, micro_batch_schedule(len(train_items), step, accum, dist), tokenizer))
+    if eval_split:
+        eval_questions, eval_annotations = load_eval_set(root, images, held_out)
+    logger = tu.MetricLogger(out_dir, dist.is_master)
+    warmup_steps = int(warmup_ratio * total_steps)
+    cfg = raw_model.config
+    text_len = 16 if not data_dir else max_text_len  # a rough question length, for MFU only
+    step_flops = batch_size * tu.flops_per_sample(cfg, text_len, heads=("vqa",))
+    peak = tu.peak_flops(dist.device)
+    if dist.is_master:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"model {n_params / 1e6:.2f}M parameters from {init_path or 'random weights'} at {image_size}px | "
+              f"{dist.world_size} process(es) x {accum} micro-steps x {micro_batch_size} = batch {batch_size} | "
+              f"{total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs) | device {dist.device}")
+
+    def checkpoint_now():
+        state = {"model": raw_model.state_dict(), "model_config": asdict(cfg), "optimizer": optimizer.state_dict(),
+                 "step": step, "data_position": step * accum, "accum": accum, "world_size": dist.world_size,
+                 "answers": answers, "config": config, "rng": tu.gather_rng_states(dist)}
+        if dist.is_master:
+            tu.save_checkpoint(out_dir, state)
+
+    def eval_log():
+        state = tu.rng_state()
+        _, result, _ = evaluate(raw_model, eval_questions, eval_annotations, answers, tokenizer, dist, autocast, majority)
+        logger.log(step, kind="eval", vqa_acc=result["overall"] / 100,
+                   **{f"{t}_acc": v / 100 for t, v in result["perAnswerType"].items()})
+        tu.set_rng_state(state)
+
+    dt_avg, t_train = None, time.time()
+    while step < total_steps:
+        if step > start_step:  # a resumed run already did these at its start step
+            if eval_split and eval_interval and step % eval_interval == 0:
+                eval_log()
+            if ckpt_interval and step % ckpt_interval == 0:
+                checkpoint_now()
+        t0 = time.time()
+        factor = tu.lr_factor(step, total_steps, warmup_steps)
+        tu.set_lr(optimizer, lr, factor)
+        metrics = tu.train_step(model, (next(loader) for _ in range(accum)), loss_fn, optimizer, grad_clip, dist,
+                                accum_steps=accum)
+        step += 1
+        dt = time.time() - t0
+        dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+        metrics.update(lr=lr * factor, ms=dt * 1e3, samples_s=batch_size / dt)
+        if peak:
+            metrics["mfu"] = step_flops / dt / (peak * dist.world_size)
+        metrics.update(epoch=step / steps_per_epoch, eta=tu.format_eta((total_steps - step) * dt_avg))
+        logger.log(step, echo=step % log_interval == 0 or step == total_steps, **metrics)
+    train_time = time.time() - t_train
+    if step > start_step:
+        checkpoint_now()
+
+    if dist.is_master:
+        final_dir = os.path.join(out_dir, "final")
+        raw_model.save_pretrained(final_dir)
+        _write_json(os.path.join(final_dir, "answers.json"), answers)
+        for f in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(tok_dir, f)):
+                shutil.copy(os.path.join(tok_dir, f), final_dir)
+        print(f"saved {final_dir} | {step} steps, training {train_time:.0f}s")
+    if test_split:
+        test_questions = load_questions(root, test_split, images)
+        predictions = predict_answers(raw_model, test_questions, answers, tokenizer, dist, autocast)
+        if dist.is_master:
+            path = os.path.join(out_dir, f"results_{test_split}.json")
+            _write_json(path, results_json(predictions))
+            print(f"wrote {path}: {len(predictions)} answers for submission")
+    if eval_split:
+        predictions, result, baseline = evaluate(raw_model, eval_questions, eval_annotations, answers, tokenizer,
+                                                 dist, autocast, majority)
+        if dist.is_master:
+            _write_json(os.path.join(out_dir, f"results_{eval_split}.json"), results_json(predictions))
+            summary = {"split": eval_split, "questions": len(eval_annotations), "overall": result["overall"],
+                       "perAnswerType": result["perAnswerType"], "majority_answer": majority,
+                       "majority_overall": baseline, "steps": step}
+            _write_json(os.path.join(out_dir, f"eval_{eval_split}.json"), summary)
+            logger.log(step, kind="eval", vqa_acc=result["overall"] / 100, majority_acc=baseline / 100)
+            types = " ".join(f"{t.replace('/', '')}_acc={v / 100:.2f}" for t, v in sorted(result["perAnswerType"].items()))
+            print(f"{eval_split}: VQA accuracy {result['overall']:.2f} ({len(eval_annotations)} questions) | per type "
+                  f"{result['perAnswerType']} | majority answer {majority!r}: {baseline:.2f}")
+            print(f"eval: vqa_acc={result['overall'] / 100:.2f} majority_acc={baseline / 100:.2f} {types} "
+                  f"questions={len(eval_annotations)} time_s={time.time() - t_start:.0f}", flush=True)
+    tu.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

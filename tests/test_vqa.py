@@ -160,3 +160,167 @@ def test_vocabulary_soft_scores_and_dropped(tmp_path):
     kept, dropped = fv.attach_targets(questions, loaded, label)
     assert dropped == 1 and [q["question_id"] for q in kept] == [1, 2, 3, 4, 5, 6]
     assert kept[5]["labels"] == [2] and kept[5]["scores"] == [0.3]
+
+
+# -----------------------------------------------------------------------------
+# the synthetic set and the batch schedule
+
+def test_synthetic_set_is_vqav2_on_disk(tmp_path):
+    root = fv.write_synthetic_vqa(str(tmp_path), {"train2014": 12, "val2014": 4, "test2015": 4})
+    questions = json.load(open(tmp_path / "v2_OpenEnded_mscoco_train2014_questions.json"))["questions"]
+    annotations = json.load(open(tmp_path / "v2_mscoco_train2014_annotations.json"))["annotations"]
+    assert len(questions) == len(annotations) == 12 * fv.QUESTIONS_PER_IMAGE
+    assert {q["question_id"] for q in questions} == {a["question_id"] for a in annotations}
+    for a in annotations:
+        assert set(a) >= {"question_id", "image_id", "question_type", "answer_type", "multiple_choice_answer", "answers"}
+        assert len(a["answers"]) == 10 and [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
+        assert a["answer_type"] in ("yes/no", "number", "other")
+    assert any(len({x["answer"] for x in a["answers"]}) > 1 for a in annotations), "no disagreement at all"
+    for q in questions:
+        assert os.path.exists(tmp_path / "train2014" / f"COCO_train2014_{q['image_id']:012d}.jpg")
+    # test: questions only, and test-dev a subset of test; image ids never shared between splits
+    assert not os.path.exists(tmp_path / "v2_mscoco_test2015_annotations.json")
+    test = json.load(open(tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json"))["questions"]
+    dev = json.load(open(tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json"))["questions"]
+    assert dev and {q["question_id"] for q in dev} < {q["question_id"] for q in test}
+    val = json.load(open(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"))["questions"]
+    assert not {q["image_id"] for q in questions} & {q["image_id"] for q in val}
+    # the same set again is not rewritten; a different one is
+    stamp = os.path.getmtime(tmp_path / "synthetic.json")
+    fv.write_synthetic_vqa(root, {"train2014": 12, "val2014": 4, "test2015": 4})
+    assert os.path.getmtime(tmp_path / "synthetic.json") == stamp
+
+
+def test_batch_schedule_ranks_and_resume(monkeypatch):
+    from train_utils import Dist
+    monkeypatch.setattr(fv, "batch_size", 8)
+    monkeypatch.setattr(fv, "micro_batch_size", 2)
+    monkeypatch.setattr(fv, "seed", 3)
+    take = lambda gen, n: [next(gen) for _ in range(n)]
+    single = take(fv.micro_batch_schedule(20, 0, 4, Dist(0, 0, 1)), 4 * 5)   # 5 steps; 2 full batches per epoch
+    ranks = [take(fv.micro_batch_schedule(20, 0, 2, Dist(r, r, 2)), 2 * 5) for r in range(2)]
+    for step in range(5):
+        whole = [x for mb in single[4 * step:4 * step + 4] for x in mb]
+        split = [x for k in range(2) for r in range(2) for x in ranks[r][2 * step + k]]
+        assert whole == split and len(whole) == 8
+        assert len({i for i, _ in whole}) == 8                       # no repeats within a batch
+    first_epoch = [i for mb in single[:8] for i, _ in mb]
+    assert len(set(first_epoch)) == 16                               # an epoch visits distinct items
+    assert single[8][0][1].startswith("3-1-")                        # augmentation seeds carry the epoch
+    assert take(fv.micro_batch_schedule(20, 3, 4, Dist(0, 0, 1)), 8) == single[12:20]   # resume at step 3
+
+
+# -----------------------------------------------------------------------------
+# end to end: a tiny fine-tune on a tiny synthetic set (subprocesses, as a user runs it)
+
+SCRIPT = os.path.join(ROOT, "finetune_vqa.py")
+TINY = ["--init_from=", "--image_size=32", "--synthetic_images=48", "--batch_size=16", "--micro_batch_size=8",
+        "--max_steps=6", "--lr=1e-3", "--lr_mult_heads=1", "--log_interval=1", "--ckpt_interval=2", "--num_workers=0"]
+
+
+def run_script(args, timeout=300):
+    out = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def eval_line(stdout):
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("eval: "), last
+    return {k: float(v) for k, v in (kv.split("=") for kv in last[len("eval: "):].split())}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("vqa")
+    synthetic, run = str(base / "synthetic"), str(base / "run")
+    stdout = run_script(TINY + [f"--synthetic_dir={synthetic}", f"--out_dir={run}"])
+    return {"synthetic": synthetic, "run": run, "stdout": stdout}
+
+
+def test_run_outputs(tiny_run):
+    run, synthetic = tiny_run["run"], tiny_run["synthetic"]
+    line = eval_line(tiny_run["stdout"])
+    assert 0 <= line["vqa_acc"] <= 1 and 0 <= line["majority_acc"] <= 1
+    # the submission file covers every test question, in the required format
+    results = json.load(open(os.path.join(run, "results_test2015.json")))
+    test_ids = [q["question_id"] for q in json.load(open(os.path.join(
+        synthetic, "v2_OpenEnded_mscoco_test2015_questions.json")))["questions"]]
+    answers = json.load(open(os.path.join(run, "final", "answers.json")))
+    assert sorted(r["question_id"] for r in results) == sorted(test_ids)
+    for r in results:
+        assert set(r) == {"question_id", "answer"} and type(r["question_id"]) is int and r["answer"] in answers
+    # the evaluation summary agrees with scoring the saved predictions again
+    summary = json.load(open(os.path.join(run, "eval_val2014.json")))
+    preds = {r["question_id"]: r["answer"] for r in json.load(open(os.path.join(run, "results_val2014.json")))}
+    val = fv.load_annotations(synthetic, "val2014")
+    assert summary["overall"] == fv.vqa_accuracy(preds, val)["overall"]
+    assert summary["overall"] / 100 == pytest.approx(line["vqa_acc"], abs=0.006)
+    # the final dir is a loadable model with its vocabulary and tokenizer
+    assert {"config.json", "model.safetensors", "answers.json", "vocab.json", "merges.txt"} <= set(
+        os.listdir(os.path.join(run, "final")))
+    assert "dropped (no answer in the vocabulary)" in tiny_run["stdout"]
+
+
+def test_predict_on_saved_checkpoint(tiny_run):
+    run, synthetic = tiny_run["run"], tiny_run["synthetic"]
+    image = os.path.join(synthetic, "val2014", os.listdir(os.path.join(synthetic, "val2014"))[0])
+    stdout = run_script(["--predict", f"--image={image}", "--question=what color is the circle?",
+                         f"--checkpoint={run}/final"], timeout=120)
+    lines = stdout.strip().splitlines()[-5:]
+    answers = json.load(open(os.path.join(run, "final", "answers.json")))
+    scores = []
+    for line in lines:
+        score, answer = line.split(None, 1)
+        assert answer in answers
+        scores.append(float(score))
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    # the printed scores are those of the model on that input, from the Python API as well
+    model, tokenizer, vocab = fv.load_finetuned(os.path.join(run, "final"))
+    top = fv.predict_top(model, tokenizer, vocab, image, "what color is the circle?")
+    assert [a for a, _ in top] == [line.split(None, 1)[1] for line in lines]
+    assert [round(p, 3) for _, p in top] == scores
+
+
+# -----------------------------------------------------------------------------
+# kill and resume
+
+def train_lines(run_dir):
+    lines = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        rec = json.loads(line)
+        if rec["kind"] == "train":  # a resumed run repeats the steps after its checkpoint: the last one counts
+            lines[rec["step"]] = {k: rec[k] for k in ("loss", "vqa_score", "grad_norm", "lr")}
+    return lines
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
+    import signal
+    import time
+    import torch
+    from safetensors.torch import load_file
+    args = TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=8", "--test_split="]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    full_stdout = run_script(args + [f"--out_dir={full}"])
+
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args, f"--out_dir={cut}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(cut, "ckpt.pt")):  # the first checkpoint (step 2) is complete
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(cut, "final")), "the run finished before it was killed"
+    killed_at = torch.load(os.path.join(cut, "ckpt.pt"), weights_only=False)["step"]
+    assert killed_at < 8
+
+    stdout = run_script(args + [f"--out_dir={cut}", "--resume"])
+    assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
+    assert train_lines(cut) == train_lines(full) and len(train_lines(full)) == 8
+    a, b = load_file(os.path.join(full, "final", "model.safetensors")), load_file(os.path.join(cut, "final", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    drop_time = lambda line: {k: v for k, v in line.items() if k != "time_s"}
+    assert drop_time(eval_line(stdout)) == drop_time(eval_line(full_stdout))
