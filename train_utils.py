@@ -226,7 +226,8 @@ def _fmt(v):
 
 
 class MetricLogger:
-    """One printed line per call, and the same metrics as a JSON line in run_dir/metrics.jsonl (master only)."""
+    """One printed line per call (unless echo=False), and the same metrics as a JSON line in run_dir/metrics.jsonl.
+    Only the master process writes."""
 
     def __init__(self, run_dir, is_master=True, filename="metrics.jsonl"):
         self.is_master = is_master
@@ -234,11 +235,12 @@ class MetricLogger:
         if is_master:
             os.makedirs(run_dir, exist_ok=True)
 
-    def log(self, step, kind="train", **metrics):
+    def log(self, step, kind="train", echo=True, **metrics):
         if not self.is_master:
             return
-        head = f"step {step}" if kind == "train" else f"{kind} step {step}"
-        print(" | ".join([head] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]), flush=True)
+        if echo:
+            head = f"step {step}" if kind == "train" else f"{kind} step {step}"
+            print(" | ".join([head] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]), flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **metrics}) + "\n")
 
@@ -269,13 +271,16 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def flops_per_sample(config, text_len, image_len=None, heads=()):
+def flops_per_sample(config, text_len, image_len=None, heads=(), mlm_tokens=None):
     """Training FLOPs (forward + backward = 3x forward) of one sample through the model once, counting matrix
     multiplies only (as PaLM's MFU does): text layers, vision blocks, both cross-modal streams, and `heads`.
-    image_len counts the class token; by default it follows from config.image_size and patch_size."""
+    It follows model.py's schedule: vision blocks above text_layers never run, and an MLM-only pass skips the
+    last image-side cross layer and the poolers. mlm_tokens: positions the MLM head scores (model(...,
+    mlm_positions=...)), default all text_len. image_len counts the class token; default from the config."""
     H, I, W = config.hidden_size, config.intermediate_size, config.vision_width
-    T = text_len
+    T, N = text_len, config.cross_layers
     L = image_len or (config.image_size // config.patch_size) ** 2 + 1
+    mlm_only = tuple(heads) == ("mlm",)
 
     def encoder_layer(n, d, ffn):  # q, k, v, o and the FFN over n tokens, plus QK^T and AV
         return 2 * n * (4 * d * d + 2 * d * ffn) + 2 * 2 * n * n * d
@@ -283,19 +288,20 @@ def flops_per_sample(config, text_len, image_len=None, heads=()):
     def cross_layer(n, m):  # a BERT layer plus cross-attention: q/o on own n tokens, k/v on the other m tokens
         return encoder_layer(n, H, I) + 2 * n * 2 * H * H + 2 * m * 2 * H * H + 2 * 2 * n * m * H
 
-    forward = config.text_layers * encoder_layer(T, H, I)
-    forward += 2 * (L - 1) * 3 * config.patch_size ** 2 * W + config.vision_layers * encoder_layer(L, W, 4 * W)
-    forward += config.cross_layers * (cross_layer(T, L) + cross_layer(L, T))
-    forward += config.cross_layers * 2 * (T * H * H + L * W * H)  # the shared text/image transforms at each cross input
-    forward += 2 * 2 * H * H  # the two poolers
+    patch_conv = 2 * (L - 1) * 3 * config.patch_size ** 2 * W
+    forward = config.text_layers * encoder_layer(T, H, I) + patch_conv
+    forward += min(config.vision_layers, config.text_layers) * encoder_layer(L, W, 4 * W)
+    forward += N * 2 * (T * H * H + L * W * H)  # the text/image input transforms at each cross layer
+    forward += N * cross_layer(T, L) + (N - mlm_only) * cross_layer(L, T)
+    forward += 0 if mlm_only else 2 * 2 * H * H  # the two poolers
     head_flops = {
-        "mlm": 2 * T * (H * H + H * config.vocab_size),
+        "mlm": 2 * (T if mlm_tokens is None else mlm_tokens) * (H * H + H * config.vocab_size),
         "itm": 2 * 2 * H * 2,
         "itc": 2 * (H + H + 2 * H) * config.contrastive_hidden_size,
         "vqa": 2 * (2 * H * 4 * H + 4 * H * config.num_vqa_answers),
     }
     forward += sum(head_flops[h] for h in heads)
-    return 3 * forward
+    return 3 * forward - patch_conv  # the pixels need no gradient: the patch conv's backward is its weight grad only
 
 
 # -----------------------------------------------------------------------------

@@ -214,3 +214,37 @@ def test_train_step_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(pa, pb.detach(), rtol=0, atol=1e-6)
     assert ddp["out"]["loss"] == pytest.approx(out["loss"], abs=1e-6)
     assert ddp["out"]["acc"] == pytest.approx(out["acc"], abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# FLOPs: the formula against torch's FLOP counter on a real forward + backward
+
+def _math_attention(q, k, v, key_mask=None, dropout_p=0.0, requested="auto"):
+    # the counter does not see inside CPU scaled_dot_product_attention; these two matmuls it counts
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("heads", [("mlm",), ("itm",), ("mlm", "itm", "itc", "vqa")])
+def test_flops_per_sample_matches_flop_counter(monkeypatch, heads):
+    from torch.utils.flop_counter import FlopCounterMode
+    import model as M
+    monkeypatch.setattr(M, "bridge_attention", _math_attention)
+    # every width different, and more vision blocks than text layers (the extra blocks never run)
+    config = M.BridgeTowerConfig(vocab_size=300, hidden_size=96, num_heads=3, intermediate_size=160, text_layers=3,
+                                 vision_width=128, vision_layers=4, patch_size=16, image_size=48, cross_layers=2,
+                                 num_vqa_answers=50, contrastive_hidden_size=32, heads=("mlm", "itm", "itc", "vqa"))
+    model = M.BridgeTower(config)
+    B, T = 2, 11
+    ids = torch.randint(3, 300, (B, T))
+    positions = torch.zeros(B, T, dtype=torch.bool)
+    positions[:, 2:5] = True
+    kw = {"mlm_positions": positions} if heads == ("mlm",) else {}
+    with FlopCounterMode(display=False) as counter:
+        out = model(ids, pixel_values=torch.randn(B, 3, 48, 48), heads=heads, **kw)
+        sum(x.float().sum() for x in (out.mlm_logits, out.itm_logits, out.vqa_logits, out.text_embeds,
+                                      out.image_embeds, out.cross_embeds) if x is not None).backward()
+    mlm_tokens = 3 if kw else None
+    assert tu.flops_per_sample(config, T, heads=heads, mlm_tokens=mlm_tokens) == counter.get_total_flops() / B

@@ -1,0 +1,377 @@
+"""
+Pre-train BridgeTower with the original's two objectives, masked language modelling (MLM) and image-text
+matching (ITM), as two separate forward passes whose losses are summed.
+
+  python pretrain.py                                  # demo: tiny model, synthetic scenes, CPU, about 3 minutes
+  torchrun --nproc_per_node=2 pretrain.py             # the same on 2 processes (gloo on CPU, NCCL on GPU)
+  python pretrain.py --resume                         # continue a killed run from out_dir/ckpt.pt
+  torchrun --nproc_per_node=8 pretrain.py config/pretrain_base.py \
+      --data=coco:dataset_coco.json@coco,vg:region_descriptions.json@vg    # the paper's recipe
+  python pretrain.py config/pretrain_base.py --bench --micro_batch_size=2 --batch_size=2   # speed of the base model
+
+Configuration is the module globals below, overridden by config files and --key=value (train_utils.configure).
+The run directory (out_dir) gets metrics.jsonl, ckpt.pt (the latest checkpoint) and final/ (save_pretrained plus
+the tokenizer files), which finetune_vqa.py can start from.
+"""
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train_utils as tu
+
+# -----------------------------------------------------------------------------
+# default config: the CPU demo (config/pretrain_base.py has the paper's recipe)
+# I/O
+out_dir = "out/pretrain"     # run directory
+log_interval = 10            # steps between printed lines (every step goes to metrics.jsonl)
+eval_interval = 100          # steps between validation passes (and one at the end)
+eval_batches = 4             # held-out micro-batches per validation pass and rank
+retrieval_size = 16          # held-out images x captions, all pairs scored by ITM, for recall@1
+ckpt_interval = 100          # steps between checkpoints (0: only at the end)
+resume = False               # continue from out_dir/ckpt.pt
+# initialisation: a BridgeTower checkpoint, or RoBERTa + CLIP, or random (neither)
+init_from = ""               # BridgeTower checkpoint (HF dir, original .ckpt, our own dir) -> from_pretrained
+text_init = ""               # RoBERTa HF dir (roberta-base) -> from_unimodal
+vision_init = ""             # CLIP: HF dir (openai/clip-vit-base-patch16) or OpenAI ViT-B-16.pt
+model_size = "tiny"          # BridgeTowerConfig preset when not init_from: tiny | base | large
+image_size = 64              # pixels (288 in the paper)
+dropout = 0.1                # hidden and attention dropout
+# data
+data = "synthetic"           # build_pretrain_loader sources: synthetic | wds:... | coco:...@... | vg:...@..., comma-joined
+tokenizer_dir = ""           # "" -> the tokenizer of init_from or text_init, else the demo tokenizer trained on synthetic text
+max_text_len = 20            # tokens (50 in the paper; synthetic captions are at most 17)
+mlm_prob = 0.15
+itm_neg_prob = 0.5
+num_workers = 0
+# optimisation
+batch_size = 64              # global batch: all ranks and micro-steps together
+micro_batch_size = 32        # per rank and micro-step; accumulation = batch_size / (micro_batch_size * world size)
+max_steps = 500
+lr = 1e-3
+warmup_ratio = 0.1           # of max_steps, then linear decay to 0
+weight_decay = 0.01
+betas = (0.9, 0.98)
+adam_eps = 1e-8
+lr_mult_cross_modal = 5.0    # for every cross_modal* parameter
+lr_mult_heads = 5.0          # for mlm_score and itm_score
+grad_clip = 1.0              # 0: no clipping
+# system
+device = "auto"              # auto: cuda when available, else cpu
+dtype = "auto"               # auto: bfloat16 autocast on CUDA, float32 on CPU
+compile = False              # torch.compile the model
+grad_checkpointing = False   # recompute text, vision and cross layers in the backward pass (less memory, ~1/3 more compute)
+seed = 0
+bench = False                # time bench_steps steps on random tensors instead of training
+bench_steps = 10
+# -----------------------------------------------------------------------------
+
+HEADS = ("mlm", "itm")
+
+
+def pretrain_loss(model, batch, device, autocast=nullcontext()):
+    """MLM on the masked caption with its own image, ITM on the clean caption with the paired image (itself or a
+    random other one); separate forward passes as in the original. Returns (mlm_loss + itm_loss, metrics)."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    masked = batch["mlm_labels"] != -100
+    with autocast:
+        # the vocabulary projection only where a token is predicted (~15%): the largest matmul of the MLM head
+        mlm_logits = model(batch["mlm_input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"], heads=("mlm",), mlm_positions=masked).mlm_logits
+        itm_logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"][batch["itm_image_index"]], heads=("itm",)).itm_logits
+    labels, itm_labels = batch["mlm_labels"][masked], batch["itm_labels"]
+    n_masked = max(1, labels.numel())  # sum / count: a micro-batch with no masked token gives 0, not NaN
+    mlm_loss = F.cross_entropy(mlm_logits.float(), labels, reduction="sum") / n_masked
+    itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
+    metrics = {
+        "mlm_loss": mlm_loss.detach(),
+        "mlm_acc": (mlm_logits.argmax(-1) == labels).sum() / n_masked,
+        "itm_loss": itm_loss.detach(),
+        "itm_acc": (itm_logits.argmax(-1) == itm_labels).float().mean(),
+    }
+    return mlm_loss + itm_loss, metrics
+
+
+@torch.no_grad()
+def retrieval_recall(model, batch, device, autocast=nullcontext()):
+    """Score every (image i, caption j) pair of a batch of matching pairs by the ITM log-probability of "match".
+    Returns (image->text recall@1, text->image recall@1)."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    pixels = batch["pixel_values"].to(device)
+    n = ids.shape[0]
+    scores = torch.empty(n, n)
+    for i in range(n):
+        with autocast:
+            logits = model(ids, attention_mask=mask, pixel_values=pixels[i:i + 1].expand(n, -1, -1, -1),
+                           heads=("itm",)).itm_logits
+        scores[i] = logits.float().log_softmax(-1)[:, 1].cpu()
+    target = torch.arange(n)
+    return (scores.argmax(1) == target).float().mean().item(), (scores.argmax(0) == target).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, dist, autocast):
+    """MLM/ITM loss and accuracy on held-out batches (each rank its shard, averaged), and ITM retrieval recall@1.
+    Leaves every RNG as it found it, so that a run with validation passes and a resumed run draw the same."""
+    from data import build_pretrain_loader
+    state = tu.rng_state()
+    model.eval()
+    loader = build_pretrain_loader(data, tokenizer, split="val", image_size=image_size, batch_size=micro_batch_size,
+                                   max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
+                                   rank=dist.rank, world_size=dist.world_size, seed=seed)
+    sums = 0
+    for _ in range(eval_batches):
+        _, metrics = pretrain_loss(model, next(loader), dist.device, autocast)
+        sums = sums + torch.stack(list(metrics.values())).float()
+    means = tu.all_reduce_mean(sums / eval_batches, dist).tolist()
+    out = dict(zip(metrics, means))
+    # all ranks score the same pairs (cheap), so no rank waits on another
+    pairs = next(build_pretrain_loader(data, tokenizer, split="val", image_size=image_size, batch_size=retrieval_size,
+                                       max_text_len=max_text_len, itm_neg_prob=0.0, seed=seed + 1))
+    out["itm_r1_i2t"], out["itm_r1_t2i"] = retrieval_recall(model, pairs, dist.device, autocast)
+    model.train()
+    tu.set_rng_state(state)
+    return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+
+
+def load_tokenizer():
+    """(tokenizer, its directory). The directory's files are copied next to the final model."""
+    from data import Tokenizer, demo_tokenizer
+    for d in (tokenizer_dir, init_from, text_init):
+        if d and os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES):
+            return Tokenizer.from_dir(d), d
+    if tokenizer_dir:
+        raise FileNotFoundError(f"no tokenizer files in tokenizer_dir={tokenizer_dir!r}")
+    cache = os.path.join(os.path.dirname(out_dir.rstrip("/")) or ".", "tokenizer")
+    return demo_tokenizer(cache_dir=cache), cache
+
+
+def build_model(vocab_size):
+    from model import BridgeTower, BridgeTowerConfig
+    if init_from:
+        return BridgeTower.from_pretrained(init_from, image_size=image_size, heads=HEADS)
+    config = BridgeTowerConfig.preset(model_size, vocab_size=vocab_size, image_size=image_size, heads=HEADS,
+                                      hidden_dropout=dropout, attention_dropout=dropout)
+    if text_init or vision_init:
+        return BridgeTower.from_unimodal(config, text_path=text_init or None, vision_path=vision_init or None)
+    return BridgeTower(config)
+
+
+def apply_grad_checkpointing(model):
+    """Activation checkpointing from outside the model: each text/cross layer and CLIP block is wrapped so its
+    activations are recomputed in the backward pass. The wrapper keeps state_dict keys unchanged and restores
+    the RNG, so dropout masks (and results) are the same as without it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from model import ResidualAttentionBlock, TextLayer  # CrossLayer is a TextLayer
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (TextLayer, ResidualAttentionBlock)))
+
+
+def step_flops(cfg):
+    """Model FLOPs of one optimiser step (both passes, forward + backward), for MFU; the MLM head runs on the
+    expected number of masked positions."""
+    mlm_tokens = mlm_prob * max_text_len
+    return batch_size * (tu.flops_per_sample(cfg, max_text_len, heads=("mlm",), mlm_tokens=mlm_tokens) +
+                         tu.flops_per_sample(cfg, max_text_len, heads=("itm",)))
+
+
+def make_optimizer(model, device):
+    groups = tu.param_groups(model, weight_decay, {"cross_modal": lr_mult_cross_modal, "mlm_score": lr_mult_heads,
+                                                   "itm_score": lr_mult_heads})
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=adam_eps, fused=device.type == "cuda")
+
+
+def use_bf16(device):
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+
+
+def autocast_for(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device) else nullcontext()
+
+
+def accumulation_steps(world_size):
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size={micro_batch_size} "
+                         f"x {world_size} processes")
+    return batch_size // per_step
+
+
+def main():
+    config = tu.configure(globals())
+    dist = tu.setup_distributed(device)
+    if bench:
+        return run_bench(dist)
+    from data import build_pretrain_loader
+    accum = accumulation_steps(dist.world_size)
+    torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    tokenizer, tok_dir = load_tokenizer()
+    ckpt = tu.load_latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        from model import BridgeTower, BridgeTowerConfig
+        model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        if ckpt["world_size"] != dist.world_size or ckpt["accum"] != accum:
+            raise ValueError(f"checkpoint was written by {ckpt['world_size']} processes x {ckpt['accum']} micro-steps; "
+                             f"resuming needs the same to keep the data order")
+    else:
+        if resume and dist.is_master:
+            print(f"resume: no checkpoint in {out_dir}, starting from scratch")
+        model = build_model(tokenizer.vocab_size)
+    model.to(dist.device)
+    optimizer = make_optimizer(model, dist.device)
+    step, skipped = 0, 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, skipped = ckpt["step"], ckpt["skipped"]
+        tu.set_rng_state(ckpt["rng"][dist.rank])
+        if dist.is_master:
+            print(f"resumed from {out_dir}/{tu.CKPT_NAME} at step {step}")
+    else:
+        torch.manual_seed(seed + dist.rank)  # each rank draws its own dropout masks
+    start_step = step
+    del ckpt
+    raw_model = model
+    if grad_checkpointing:
+        apply_grad_checkpointing(model)
+    if compile:
+        model = torch.compile(model)
+    if dist.world_size > 1:
+        # no buffers need syncing (no batch norm), so skip the per-forward buffer broadcast
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+    autocast = autocast_for(dist.device)
+    loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
+
+    # each rank reads its own shard; start_batch skips what the checkpointed run had consumed (per rank)
+    loader = build_pretrain_loader(data, tokenizer, split="train", image_size=image_size, batch_size=micro_batch_size,
+                                   max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
+                                   rank=dist.rank, world_size=dist.world_size, num_workers=num_workers, seed=seed,
+                                   start_batch=step * accum)
+    logger = tu.MetricLogger(out_dir, dist.is_master)
+    warmup_steps = int(warmup_ratio * max_steps)
+    cfg = raw_model.config
+    flops = step_flops(cfg)
+    peak = tu.peak_flops(dist.device)
+    if dist.is_master:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"model {n_params / 1e6:.2f}M parameters | {dist.world_size} process(es) x {accum} micro-steps x "
+              f"{micro_batch_size} = batch {batch_size} | {max_steps} steps | device {dist.device}")
+
+    def checkpoint():
+        state = {"model": raw_model.state_dict(), "model_config": asdict(cfg), "optimizer": optimizer.state_dict(),
+                 "step": step, "data_position": step * accum, "accum": accum, "world_size": dist.world_size,
+                 "config": config, "skipped": skipped, "rng": tu.gather_rng_states(dist)}
+        if dist.is_master:
+            tu.save_checkpoint(out_dir, state)
+
+    def micro_batches():
+        nonlocal skipped_local
+        for _ in range(accum):
+            batch = next(loader)
+            skipped_local += int(batch.get("skipped", 0))
+            yield batch
+
+    dt_avg, t_start = None, time.time()
+    while step < max_steps:
+        if step > start_step or step == 0:  # a resumed run already did these at its start step
+            if eval_interval and step % eval_interval == 0:
+                logger.log(step, kind="eval", **evaluate(raw_model, tokenizer, dist, autocast))
+            if ckpt_interval and step % ckpt_interval == 0 and step > 0:
+                checkpoint()
+        t0 = time.time()
+        factor = tu.lr_factor(step, max_steps, warmup_steps)
+        tu.set_lr(optimizer, lr, factor)
+        skipped_local = 0
+        metrics = tu.train_step(model, micro_batches(), loss_fn, optimizer, grad_clip, dist, accum_steps=accum)
+        skipped += round(tu.all_reduce_mean(torch.tensor([float(skipped_local)]), dist).item() * dist.world_size)
+        step += 1
+        dt = time.time() - t0
+        dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+        metrics.update(lr=lr * factor, ms=dt * 1e3, samples_s=batch_size / dt)
+        if peak:
+            metrics["mfu"] = flops / dt / (peak * dist.world_size)
+        metrics.update(eta=tu.format_eta((max_steps - step) * dt_avg), skipped=skipped)
+        logger.log(step, echo=step % log_interval == 0 or step == max_steps, **metrics)
+
+    final = evaluate(raw_model, tokenizer, dist, autocast)
+    logger.log(step, kind="eval", **final)
+    if step > start_step:
+        checkpoint()
+    if dist.is_master:
+        final_dir = os.path.join(out_dir, "final")
+        raw_model.save_pretrained(final_dir)
+        for f in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(tok_dir, f)):
+                shutil.copy(os.path.join(tok_dir, f), final_dir)
+        print(f"saved {final_dir} | {step} steps in {time.time() - t_start:.0f}s")
+        print("eval: " + " ".join(f"{k}={v:.2f}" for k, v in final.items()), flush=True)
+    tu.cleanup_distributed()
+
+
+# -----------------------------------------------------------------------------
+# benchmark: the training step (both passes, backward, AdamW) on random tensors, no data loading
+
+def random_batch(n, vocab_size, generator):
+    ids = torch.randint(3, vocab_size, (n, max_text_len), generator=generator)
+    labels = torch.full_like(ids, -100)
+    masked = torch.rand(ids.shape, generator=generator) < mlm_prob
+    labels[masked] = ids[masked]
+    return {"pixel_values": torch.randn(n, 3, image_size, image_size, generator=generator), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids.masked_fill(masked, 4), "mlm_labels": labels,
+            "itm_image_index": torch.randperm(n, generator=generator), "itm_labels": torch.randint(0, 2, (n,), generator=generator)}
+
+
+def run_bench(dist):
+    accum = accumulation_steps(dist.world_size)
+    torch.manual_seed(seed)
+    model = build_model(50265 if model_size != "tiny" else 1000).to(dist.device)
+    cfg = model.config
+    optimizer = make_optimizer(model, dist.device)
+    if grad_checkpointing:
+        apply_grad_checkpointing(model)
+    if compile:
+        model = torch.compile(model)
+    if dist.world_size > 1:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+    autocast = autocast_for(dist.device)
+    loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
+    g = torch.Generator().manual_seed(seed + dist.rank)
+    batches = [random_batch(micro_batch_size, cfg.vocab_size, g) for _ in range(accum)]
+    flops = step_flops(cfg)
+    peak = tu.peak_flops(dist.device)
+    if dist.is_master:
+        print(f"bench: {model_size} {image_size}px text {max_text_len} | batch {batch_size} = {dist.world_size} x "
+              f"{accum} x {micro_batch_size} | {flops / batch_size / 1e9:.1f} GFLOP/sample | dtype "
+              f"{'bf16' if use_bf16(dist.device) else 'fp32'} | "
+              f"{torch.get_num_threads()} threads")
+    times = []
+    for step in range(bench_steps):
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        tu.train_step(model, batches, loss_fn, optimizer, grad_clip, dist)
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        times.append(dt)
+        if dist.is_master:
+            mfu = f" | mfu {flops / dt / (peak * dist.world_size):.3f}" if peak else ""
+            print(f"bench step {step} | ms {dt * 1e3:.0f} | samples/s {batch_size / dt:.2f}{mfu}", flush=True)
+    dt = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first (warm-up) step dropped
+    if dist.is_master:
+        mfu = f" mfu={flops / dt / (peak * dist.world_size):.3f}" if peak else ""
+        print(f"bench: median ms/step={dt * 1e3:.0f} samples/s={batch_size / dt:.2f} "
+              f"samples/s/process={batch_size / dt / dist.world_size:.2f}{mfu}")
+    tu.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
