@@ -477,7 +477,7 @@ class BridgeTower(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             key_mask = attention_mask.bool()
 
-        t, v, ct, ci, image_input = self._encode(input_ids, pixel_values, key_mask, skip_last_image_layer=mlm_only)
+        t, ct, ci, image_input = self._encode(input_ids, pixel_values, key_mask, skip_last_image_layer=mlm_only)
         out = BridgeTowerOutput(text_features=ct, image_features=ci)
         if not mlm_only:
             out.pooler_output = torch.cat([self.cross_modal_text_pooler(ct), self.cross_modal_image_pooler(ci)], -1)
@@ -498,7 +498,8 @@ class BridgeTower(nn.Module):
     def _encode(self, input_ids, pixel_values, key_mask, skip_last_image_layer=False):
         """The BridgeTower schedule. Text layer i and image block i run in lock-step; the top N of them each feed
         one cross layer: layer 0 through the first-layer LayerNorms, layers 1..N-1 through the bridges.
-        Both streams of cross layer k attend to the *inputs* of the other stream at layer k."""
+        Both streams of cross layer k attend to the *inputs* of the other stream at layer k.
+        Returns the last uni-modal text states, both cross-modal outputs and the last bridge's image input."""
         c = self.config
         text_layers = self.text_model.encoder.layer
         blocks = self.vision_model.visual.transformer.resblocks
@@ -525,7 +526,7 @@ class BridgeTower(nn.Module):
                 ci = None
             else:
                 ci = self.cross_modal_image_layers[k](xi, xt, None, key_mask)
-        return t, v, ct, ci, image_input
+        return t, ct, ci, image_input
 
     @staticmethod
     def _transform(transform, k, x):
