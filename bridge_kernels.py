@@ -117,11 +117,12 @@ def _add_ln_fwd_kernel(
 
 @triton.jit
 def _add_ln_bwd_kernel(
-    DY, H, C, W, S, Mean, Rstd, DH, DC,  # DC is unused for "add": there dh = dc, one tensor
+    DY, H, C, W, S, Mean, Rstd, DH, DC,
     DW_partial, DB_partial, DS_partial,  # fp32, one row (one value for DS) per program
     stride_dy, stride_h, stride_c, stride_dh, stride_dc,
     M, N, rows_per_program,
     LINK: tl.constexpr, BLOCK_N: tl.constexpr,
+    ONE_GRAD: tl.constexpr,  # "add" with h, c of one dtype: dh = dc, one tensor, DC unused
 ):
     # Each program walks a contiguous run of rows and keeps its share of dw, db (and ds) in fp32
     # registers; the host sums the few partial rows. Deterministic, no atomics or locks.
@@ -161,15 +162,19 @@ def _add_ln_bwd_kernel(
         dw += dy * xhat
         db += dy
         if LINK == 1:
-            tl.store(DH + cols, (dx * s).to(DH.dtype.element_ty), mask=mask)
-            tl.store(DC + cols, dx.to(DC.dtype.element_ty), mask=mask)
+            dh = dx * s
+            dc = dx
             ds += dx * h
         elif LINK == 2:
-            tl.store(DH + cols, (dx * (1.0 - s)).to(DH.dtype.element_ty), mask=mask)
-            tl.store(DC + cols, (dx * s).to(DC.dtype.element_ty), mask=mask)
+            dh = dx * (1.0 - s)
+            dc = dx * s
             ds += dx * (c - h)
         else:
-            tl.store(DH + cols, dx.to(DH.dtype.element_ty), mask=mask)
+            dh = dx
+            dc = dx
+        tl.store(DH + cols, dh.to(DH.dtype.element_ty), mask=mask)
+        if not ONE_GRAD:
+            tl.store(DC + cols, dc.to(DC.dtype.element_ty), mask=mask)
         DY += stride_dy
         H += stride_h
         C += stride_c
@@ -212,11 +217,13 @@ class _AddLayerNorm(torch.autograd.Function):
         n = h.shape[-1]
         h2, c2 = _as_rows(h, n), _as_rows(c, n)
         m = h2.shape[0]
-        y = torch.empty((m, n), device=h.device, dtype=h.dtype)
+        # h and c may differ in dtype (autocast: a bf16 sub-layer output on an fp32 residual); the
+        # kernel reads each as it is and writes the promoted dtype, as h + c would
+        y = torch.empty((m, n), device=h.device, dtype=torch.promote_types(h.dtype, c.dtype))
         mean = torch.empty(m, device=h.device, dtype=torch.float32)
         rstd = torch.empty(m, device=h.device, dtype=torch.float32)
         s = scalar if scalar is not None else weight  # any pointer; the kernel ignores it for "add"
-        block_n, num_warps = _ln_launch_params(n, h.element_size())
+        block_n, num_warps = _ln_launch_params(n, y.element_size())
         if m > 0:
             _add_ln_fwd_kernel[(m,)](
                 h2, c2, y, weight, bias, s, mean, rstd,
@@ -232,8 +239,9 @@ class _AddLayerNorm(torch.autograd.Function):
         link = ctx.link
         m, n = h2.shape
         dy2 = _as_rows(dy, n)
+        one_grad = link == 0 and h2.dtype == c2.dtype
         dh = torch.empty((m, n), device=h2.device, dtype=h2.dtype)
-        dc = torch.empty_like(dh) if link != 0 else dh
+        dc = dh if one_grad else torch.empty((m, n), device=h2.device, dtype=c2.dtype)
         rows_per_program = triton.cdiv(m, _num_programs(h2.device))
         programs = triton.cdiv(m, rows_per_program) if m > 0 else 1
         # every program writes its whole partial row: no memset needed
@@ -241,7 +249,7 @@ class _AddLayerNorm(torch.autograd.Function):
         db_partial = torch.empty((programs, n), device=h2.device, dtype=torch.float32)
         ds_partial = torch.empty(programs, device=h2.device, dtype=torch.float32)
         s = scalar if scalar is not None else weight
-        block_n, num_warps = _ln_launch_params(n, h2.element_size())
+        block_n, num_warps = _ln_launch_params(n, max(h2.element_size(), c2.element_size()))
         if m == 0:
             dw_partial.zero_(), db_partial.zero_(), ds_partial.zero_()
         else:
@@ -250,7 +258,7 @@ class _AddLayerNorm(torch.autograd.Function):
                 dw_partial, db_partial, ds_partial,
                 dy2.stride(0), h2.stride(0), c2.stride(0), dh.stride(0), dc.stride(0),
                 m, n, rows_per_program,
-                LINK=link, BLOCK_N=block_n, num_warps=num_warps)
+                LINK=link, BLOCK_N=block_n, ONE_GRAD=one_grad, num_warps=num_warps)
         dw = dw_partial.sum(0).to(weight.dtype)
         db = db_partial.sum(0).to(weight.dtype)
         dscalar = None
@@ -270,18 +278,18 @@ def _check_link(link_type, scalar):
 def add_layer_norm(h, c, weight, bias, eps=1e-5, link_type="add", scalar=None):
     """LayerNorm over the last dim of h + c (or the bridge variants), fused, in Triton.
 
-    h, c: same shape (..., N), last dim contiguous (else copied); fp32, bf16 or fp16 (promoted to a
-    common dtype). weight, bias: (N,), any float dtype. scalar: 0-dim tensor for "scaled_add"
-    (h*s + c) and "interpolate" ((1-s)*h + s*c), None for "add". The output has the inputs' dtype;
-    mean and rstd are computed in fp32 from the fp32 sum. Gradients for h, c, weight, bias, scalar.
+    h, c: same shape (..., N), last dim contiguous (else copied); each fp32, bf16 or fp16, read in
+    its own dtype. weight, bias: (N,), any float dtype. scalar: 0-dim tensor for "scaled_add"
+    (h*s + c) and "interpolate" ((1-s)*h + s*c), None for "add". The output has the promoted dtype
+    of h and c, as h + c; mean and rstd in fp32 from the fp32 sum. Gradients for h, c, weight,
+    bias, scalar, each in its input's dtype.
     """
     _check_link(link_type, scalar)
     if h.shape != c.shape:
         raise ValueError(f"add_layer_norm: h {tuple(h.shape)} and c {tuple(c.shape)} differ")
-    dtype = torch.promote_types(h.dtype, c.dtype)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"add_layer_norm: inputs must be fp32, bf16 or fp16, got {dtype}")
-    h, c = h.to(dtype), c.to(dtype)
+    for t in (h, c):
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"add_layer_norm: inputs must be fp32, bf16 or fp16, got {t.dtype}")
     return _AddLayerNorm.apply(h, c, weight, bias, scalar, float(eps), LINK_TYPES[link_type])
 
 
@@ -786,7 +794,10 @@ def compile_check(archs=(80, 90), dtypes=("bf16",), head_dims=(64,), variants=((
             stats = {p: "fp32" for p in ("W", "B", "S", "Mean", "Rstd", "DW_partial", "DB_partial", "DS_partial")}
             for link in LINK_TYPES.values():
                 for kernel in (_add_ln_fwd_kernel, _add_ln_bwd_kernel):
-                    yield dict(_gpu_compile(kernel, arch, {**act, **stats}, dict(LINK=link, BLOCK_N=block_n), warps, 1), dtype=dt)
+                    meta = dict(LINK=link, BLOCK_N=block_n)
+                    if kernel is _add_ln_bwd_kernel:
+                        meta["ONE_GRAD"] = link == 0
+                    yield dict(_gpu_compile(kernel, arch, {**act, **stats}, meta, warps, 1), dtype=dt)
             for d in head_dims:
                 block_d = max(16, triton.next_power_of_2(d))
                 ptrs = {p: dt for p in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
