@@ -440,3 +440,44 @@ def test_model_kernels_on_off(monkeypatch, link="interpolate"):  # "add" runs in
     assert len(outputs["torch"]) == len(outputs["triton"])
     for x, y in zip(outputs["triton"], outputs["torch"]):
         assert_fp32_close(x, y, atol=1e-4)
+
+
+@needs_triton
+def test_model_training_steps_kernels_on_off(monkeypatch):
+    """A few AdamW steps of the tiny model (MLM + ITM, padded batch) with the Triton kernels and with the
+    PyTorch path: the same loss at every step and the same parameters at the end (fp32). Dropout is set
+    to 0 because the two backends draw different dropout masks; train mode is kept otherwise."""
+    model_lib = pytest.importorskip("model")
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, 99, (2, 9), generator=g)
+    mask = (torch.arange(9)[None, :] < torch.tensor([[9], [4]])).long()
+    pixels = torch.randn(2, 3, 64, 64, generator=g)
+    mlm_labels = torch.where((torch.rand(2, 9, generator=g) < 0.4) & mask.bool(), ids, -100)
+    itm_labels = torch.tensor([1, 0])
+    losses, params = {}, {}
+    for kernels in ("torch", "triton"):
+        # two layers a tower keep the interpreter's time down; both bridges and cross layers still run
+        config = model_lib.BridgeTowerConfig.preset("tiny", vocab_size=99, text_layers=2, vision_layers=2,
+                                                    hidden_dropout=0.0, attention_dropout=0.0, kernels=kernels)
+        model = model_lib.BridgeTower(config).to(DEVICE)
+        if kernels == "torch":
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            model.load_state_dict(state)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[kernels] = []
+        for _ in range(3):
+            out = model(ids.to(DEVICE), mask.to(DEVICE), pixels.to(DEVICE))
+            loss = F.cross_entropy(out.mlm_logits.flatten(0, 1), mlm_labels.flatten().to(DEVICE)) + \
+                F.cross_entropy(out.itm_logits, itm_labels.to(DEVICE))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[kernels].append(loss.item())
+        params[kernels] = [p.detach() for p in model.parameters()]
+    assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5, abs=1e-6)
+    assert losses["torch"][-1] < losses["torch"][0]  # the steps really train
+    for x, y in zip(params["triton"], params["torch"]):
+        assert_fp32_close(x, y, atol=1e-4)
