@@ -130,7 +130,8 @@ def main():
 
     def our_step():
         ours.zero_grad(set_to_none=True)
-        logits = ours(mlm_ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), mlm_positions=labelled).mlm_logits
+        out = ours(mlm_ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), mlm_positions=labelled)
+        logits = out.mlm_logits
         F.cross_entropy(logits, labels[labelled]).backward()
 
     compare("forward+backward", {"transformers": hf_step, "ours": our_step})

@@ -39,24 +39,25 @@ LINK_TOWER_TYPES = ("add", "scaled_add", "interpolate")
 class BridgeTowerConfig:
     # text encoder (RoBERTa). As in HF, its sizes also build the cross-modal layers.
     vocab_size: int = 50265               # BPE vocabulary of the tokenizer (RoBERTa: 50265)
-    max_position_embeddings: int = 514    # RoBERTa position table: 512 tokens + 2 (positions start at pad_token_id+1)
-    pad_token_id: int = 1                 # RoBERTa <pad>: padded tokens get position pad_token_id, others count up from it
+    max_position_embeddings: int = 514    # RoBERTa position table: 512 tokens + 2 (positions start at pad + 1)
+    pad_token_id: int = 1                 # RoBERTa <pad>; pads get position pad, real tokens count up from pad + 1
     hidden_size: int = 768                # width of the text encoder and of both cross-modal streams
     num_heads: int = 12                   # attention heads of the text and cross-modal layers
     intermediate_size: int = 3072         # FFN width of the text and cross-modal layers
     text_layers: int = 12                 # RoBERTa layers; the top `cross_layers` of them are bridged
     # image encoder (CLIP ViT); its heads are vision_width // 64, as CLIP fixes them
     vision_width: int = 768               # CLIP transformer width
-    vision_layers: int = 12               # CLIP residual blocks; block i runs beside text layer i, blocks >= text_layers never run
+    vision_layers: int = 12               # CLIP blocks; block i runs beside text layer i (blocks >= text_layers idle)
     patch_size: int = 16                  # patch side = conv kernel = stride
     image_size: int = 288                 # square input side; (image_size / patch_size)^2 + 1 image tokens
     # cross-modal encoder
-    cross_layers: int = 6                 # layers per stream, each fed by one uni-modal layer (the top cross_layers ones)
-    link_tower_type: str = "add"          # bridge: "add" LN(h + c), "scaled_add" LN(s*h + c), "interpolate" LN((1-b)*h + b*c)
-    share_cross_modal_transform: bool = True  # one text and one image input projection for all cross layers (HF share_cross_modal_transformer_layers)
+    cross_layers: int = 6                 # layers per stream, each fed by one of the top cross_layers uni-modal layers
+    link_tower_type: str = "add"          # bridge: "add" LN(h+c), "scaled_add" LN(s*h+c), "interpolate" LN((1-b)h+bc)
+    share_cross_modal_transform: bool = True  # one input projection per modality for all cross layers (HF's
+    #                                           share_cross_modal_transformer_layers); False: one per cross layer
     layer_norm_eps: float = 1e-5          # text encoder, CLIP, first cross inputs, bridges, VQA head
     cross_layer_norm_eps: float = 1e-5    # cross-modal layers and MLM transform: HF uses 1e-5, the original code 1e-12
-    hidden_dropout: float = 0.1           # after the text embeddings and every dense sub-layer of text and cross layers (CLIP has none)
+    hidden_dropout: float = 0.1           # text embeddings and every dense sub-layer of text/cross layers (CLIP: none)
     attention_dropout: float = 0.1        # on the attention probabilities of text and cross layers
     # heads
     heads: tuple = ("mlm", "itm")         # heads built: any of "mlm", "itm", "itc", "vqa"
@@ -64,7 +65,7 @@ class BridgeTowerConfig:
     contrastive_hidden_size: int = 512    # ITC embedding size
     logit_scale_init: float = 2.6592      # ITC: initial log inverse temperature, exp(2.6592) = 1/0.07
     # runtime
-    kernels: str = "auto"                 # "auto" | "triton" | "torch"; env BRIDGETOWER_KERNELS wins (see bridge_kernels.backend)
+    kernels: str = "auto"                 # "auto" | "triton" | "torch"; env BRIDGETOWER_KERNELS wins (bridge_kernels)
 
     def __post_init__(self):
         self.heads = tuple(self.heads)  # a list when read back from JSON
@@ -100,7 +101,7 @@ class BridgeTowerConfig:
 
     @classmethod
     def preset(cls, name, **overrides):
-        """tiny (tests and demos), base (RoBERTa-base + CLIP ViT-B/16, 288 px), large (RoBERTa-large + ViT-L/14, 294 px)."""
+        """tiny (tests, demos), base (RoBERTa-base + CLIP ViT-B/16, 288 px), large (RoBERTa-large + ViT-L/14, 294 px)"""
         presets = {
             "tiny": dict(hidden_size=128, num_heads=4, intermediate_size=256, text_layers=4, vision_width=128,
                          vision_layers=4, cross_layers=2, patch_size=16, image_size=64),
@@ -265,7 +266,8 @@ class VisionEmbeddings(nn.Module):
     def forward(self, pixel_values):
         if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the model takes "
-                             f"{self.image_size}x{self.image_size}; load it with image_size=... to resize its position table")
+                             f"{self.image_size}x{self.image_size}; load it with image_size=... to resize its "
+                             "position table")
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight
@@ -405,7 +407,7 @@ def contrastive_loss(text_embeds, image_embeds, cross_embeds, logit_scale):
 class BridgeTowerOutput:
     text_features: torch.Tensor                    # (B, T, H) output of the last text-side cross layer
     image_features: Optional[torch.Tensor] = None  # (B, L, H) last image-side cross layer; None when only "mlm" ran
-    pooler_output: Optional[torch.Tensor] = None   # (B, 2H) [tanh(text CLS) | tanh(image CLS)]; None when only "mlm" ran
+    pooler_output: Optional[torch.Tensor] = None   # (B, 2H) [tanh(text CLS) | tanh(image CLS)]; None as above
     mlm_logits: Optional[torch.Tensor] = None      # (B, T, V), or (N, V) at mlm_positions
     itm_logits: Optional[torch.Tensor] = None      # (B, 2), class 1 = match
     text_embeds: Optional[torch.Tensor] = None     # (B, 512) ITC, L2-normalised
@@ -798,9 +800,10 @@ def config_from_hf(hf, source="config.json"):
         msg for bad, msg in (
             (hf.get("share_link_tower_layers", False), "share_link_tower_layers=True (crashes in HF too)"),
             (vision.get("remove_last_layer", False), "remove_last_layer=True (crashes in HF too)"),
-            (text.get("hidden_act", "gelu") != "gelu" or hf.get("hidden_act", "gelu") != "gelu", "hidden_act other than gelu"),
-            (text.get("hidden_size", d.hidden_size) != hf.get("hidden_size", d.hidden_size), "text hidden_size != hidden_size"),
+            ({text.get("hidden_act", "gelu"), hf.get("hidden_act", "gelu")} != {"gelu"}, "hidden_act not gelu"),
+            (text.get("hidden_size", 768) != hf.get("hidden_size", 768), "text hidden_size != hidden_size"),
             (vision.get("layer_norm_eps", eps) != eps, "vision layer_norm_eps != layer_norm_eps"),
+            (text.get("layer_norm_eps", eps) != eps, "text layer_norm_eps != layer_norm_eps"),
             (text.get("type_vocab_size", 1) != 1, "type_vocab_size != 1"),
         ) if bad]
     if unsupported:
@@ -821,8 +824,9 @@ def config_from_hf(hf, source="config.json"):
         link_tower_type=hf.get("link_tower_type", d.link_tower_type),
         share_cross_modal_transform=hf.get("share_cross_modal_transformer_layers", d.share_cross_modal_transform),
         layer_norm_eps=eps,
-        # HF builds the cross layers from text_config, hence its eps; our files also carry the field itself
-        cross_layer_norm_eps=hf.get("cross_layer_norm_eps", text.get("layer_norm_eps", eps)),
+        # HF builds the cross layers from text_config, whose eps equals layer_norm_eps (checked above); our own
+        # files carry cross_layer_norm_eps, which HF cannot express (1e-12 for original checkpoints)
+        cross_layer_norm_eps=hf.get("cross_layer_norm_eps", eps),
         hidden_dropout=text.get("hidden_dropout_prob", d.hidden_dropout),
         attention_dropout=text.get("attention_probs_dropout_prob", d.attention_dropout),
         num_vqa_answers=hf.get("num_vqa_answers", d.num_vqa_answers),

@@ -207,6 +207,31 @@ def test_heads_requested_and_dropped(tmp_path, capsys):
     assert out.vqa_logits.shape == (3, 11) and out.mlm_logits is None
 
 
+def test_bin_and_sharded_weight_files(tmp_path):
+    """pytorch_model.bin (older hub checkpoints) and sharded *.index.json directories load the same tensors."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(13)
+    path = saved(T.BridgeTowerForImageAndTextRetrieval(hf_tiny_config()), tmp_path)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    reference = BridgeTower.from_pretrained(path).state_dict()
+    bin_dir, shard_dir = tmp_path / "bin", tmp_path / "shards"
+    for d in (bin_dir, shard_dir):
+        d.mkdir()
+        shutil.copy(os.path.join(path, "config.json"), d)
+    torch.save(state, bin_dir / "pytorch_model.bin")
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, shard_dir / name)
+    index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
+    (shard_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    for d in (bin_dir, shard_dir):
+        loaded = BridgeTower.from_pretrained(str(d)).state_dict()
+        assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in loaded)
+
+
 # -----------------------------------------------------------------------------
 # Original Lightning .ckpt
 
