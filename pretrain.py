@@ -31,7 +31,7 @@ import train_utils as tu
 out_dir = "out/pretrain"     # run directory
 log_interval = 10            # steps between printed lines (every step goes to metrics.jsonl)
 eval_interval = 100          # steps between validation passes (and one at the end)
-eval_batches = 4             # held-out micro-batches per validation pass and rank
+eval_batches = 8             # held-out micro-batches per validation pass and rank
 retrieval_size = 16          # held-out images x captions, all pairs scored by ITM, for recall@1
 ckpt_interval = 100          # steps between checkpoints (0: only at the end)
 resume = False               # continue from out_dir/ckpt.pt
@@ -41,7 +41,7 @@ text_init = ""               # RoBERTa HF dir (roberta-base) -> from_unimodal
 vision_init = ""             # CLIP: HF dir (openai/clip-vit-base-patch16) or OpenAI ViT-B-16.pt
 model_size = "tiny"          # BridgeTowerConfig preset when not init_from: tiny | base | large
 image_size = 64              # pixels (288 in the paper)
-dropout = 0.1                # hidden and attention dropout
+dropout = 0.0                # hidden and attention dropout (0.1 in the paper; the demo's data never repeats)
 # data
 data = "synthetic"           # build_pretrain_loader sources: synthetic | wds:... | coco:...@... | vg:...@..., comma-joined
 tokenizer_dir = ""           # "" -> the tokenizer of init_from or text_init, else the demo tokenizer trained on synthetic text
@@ -50,10 +50,10 @@ mlm_prob = 0.15
 itm_neg_prob = 0.5
 num_workers = 0
 # optimisation
-batch_size = 64              # global batch: all ranks and micro-steps together
-micro_batch_size = 32        # per rank and micro-step; accumulation = batch_size / (micro_batch_size * world size)
+batch_size = 32              # global batch: all ranks and micro-steps together
+micro_batch_size = 16        # per rank and micro-step; accumulation = batch_size / (micro_batch_size * world size)
 max_steps = 500
-lr = 1e-3
+lr = 3e-4                     # with the x5 multipliers below; 1e-3 and 5e-4 left ITM at chance in 500 steps
 warmup_ratio = 0.1           # of max_steps, then linear decay to 0
 weight_decay = 0.01
 betas = (0.9, 0.98)
@@ -66,6 +66,8 @@ device = "auto"              # auto: cuda when available, else cpu
 dtype = "auto"               # auto: bfloat16 autocast on CUDA, float32 on CPU
 compile = False              # torch.compile the model
 grad_checkpointing = False   # recompute text, vision and cross layers in the backward pass (less memory, ~1/3 more compute)
+cpu_threads = 1              # torch threads per process on CPU (0: torch's default, one per core). Measured on 2 shared
+                             # cores: 2 threads took 1.5-2.7 s/step (OpenMP threads spin-waiting for a busy core), 1 thread 0.5 s
 seed = 0
 bench = False                # time bench_steps steps on random tensors instead of training
 bench_steps = 10
@@ -208,6 +210,8 @@ def accumulation_steps(world_size):
 def main():
     config = tu.configure(globals())
     dist = tu.setup_distributed(device)
+    if dist.device.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
     if bench:
         return run_bench(dist)
     from data import build_pretrain_loader
@@ -228,13 +232,15 @@ def main():
         model = build_model(tokenizer.vocab_size)
     model.to(dist.device)
     optimizer = make_optimizer(model, dist.device)
-    step, skipped = 0, 0
+    step, skipped, data_position = 0, 0, 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, skipped = ckpt["step"], ckpt["skipped"]
+        step, skipped, data_position = ckpt["step"], ckpt["skipped"], ckpt["data_position"]
         tu.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_master:
-            print(f"resumed from {out_dir}/{tu.CKPT_NAME} at step {step}")
+            changed = {k: v for k, v in config.items() if ckpt["config"].get(k) != v and k != "resume"}
+            print(f"resumed from {out_dir}/{tu.CKPT_NAME} at step {step}" +
+                  (f"; settings that differ from the checkpointed run: {changed}" if changed else ""))
     else:
         torch.manual_seed(seed + dist.rank)  # each rank draws its own dropout masks
     start_step = step
@@ -250,11 +256,11 @@ def main():
     autocast = autocast_for(dist.device)
     loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
 
-    # each rank reads its own shard; start_batch skips what the checkpointed run had consumed (per rank)
+    # each rank reads its own stream; start_batch skips the micro-batches the checkpointed run had consumed (per rank)
     loader = build_pretrain_loader(data, tokenizer, split="train", image_size=image_size, batch_size=micro_batch_size,
                                    max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
                                    rank=dist.rank, world_size=dist.world_size, num_workers=num_workers, seed=seed,
-                                   start_batch=step * accum)
+                                   start_batch=data_position)
     logger = tu.MetricLogger(out_dir, dist.is_master)
     warmup_steps = int(warmup_ratio * max_steps)
     cfg = raw_model.config
@@ -275,7 +281,10 @@ def main():
     def micro_batches():
         nonlocal skipped_local
         for _ in range(accum):
-            batch = next(loader)
+            # torch's DataLoader draws a seed from the global RNG when its iterator starts; kept off the global
+            # stream, so that a resumed run (whose loader starts later) draws the same dropout masks
+            with torch.random.fork_rng(devices=[]):
+                batch = next(loader)
             skipped_local += int(batch.get("skipped", 0))
             yield batch
 
@@ -312,7 +321,8 @@ def main():
             if os.path.exists(os.path.join(tok_dir, f)):
                 shutil.copy(os.path.join(tok_dir, f), final_dir)
         print(f"saved {final_dir} | {step} steps in {time.time() - t_start:.0f}s")
-        print("eval: " + " ".join(f"{k}={v:.2f}" for k, v in final.items()), flush=True)
+        keys = ["mlm_acc", "itm_acc"] + [k for k in final if k not in ("mlm_acc", "itm_acc")]
+        print("eval: " + " ".join(f"{k}={final[k]:.2f}" for k in keys), flush=True)
     tu.cleanup_distributed()
 
 
@@ -331,9 +341,11 @@ def random_batch(n, vocab_size, generator):
 
 def run_bench(dist):
     accum = accumulation_steps(dist.world_size)
+    from model import BridgeTower, BridgeTowerConfig
     torch.manual_seed(seed)
-    model = build_model(50265 if model_size != "tiny" else 1000).to(dist.device)
-    cfg = model.config
+    cfg = BridgeTowerConfig.preset(model_size, image_size=image_size, heads=HEADS, hidden_dropout=dropout,
+                                   attention_dropout=dropout)  # random weights: speed does not depend on them
+    model = BridgeTower(cfg).to(dist.device)
     optimizer = make_optimizer(model, dist.device)
     if grad_checkpointing:
         apply_grad_checkpointing(model)

@@ -1,0 +1,191 @@
+"""pretrain.py: configs, DDP gradient equivalence on the real objective, kill-and-resume, the demo's learning."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import pretrain
+import train_utils as tu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "pretrain.py")
+
+
+def _run(args, timeout=300, **kw):
+    out = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def _eval_line(stdout):
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("eval: "), last
+    return {k: float(v) for k, v in (kv.split("=") for kv in last[len("eval: "):].split())}
+
+
+def _pretrain_globals():
+    return {k: getattr(pretrain, k) for k in tu._config_keys(vars(pretrain))}
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+def test_demo_config_is_the_default():
+    g = _pretrain_globals()
+    defaults = dict(g)
+    tu.configure(g, [os.path.join(ROOT, "config/pretrain_demo.py")])
+    assert g == defaults
+
+
+def test_base_config_is_the_paper_recipe():
+    g = _pretrain_globals()
+    tu.configure(g, [os.path.join(ROOT, "config/pretrain_base.py")])
+    assert (g["model_size"], g["image_size"], g["batch_size"], g["max_steps"], g["lr"]) == ("base", 288, 4096, 100_000, 1e-5)
+    assert (g["betas"], g["adam_eps"], g["weight_decay"], g["warmup_ratio"]) == ((0.9, 0.98), 1e-8, 0.01, 0.1)
+    assert (g["lr_mult_cross_modal"], g["lr_mult_heads"], g["max_text_len"], g["dtype"]) == (5.0, 5.0, 50, "bfloat16")
+    assert g["text_init"] and g["vision_init"]
+
+
+def test_accumulation_steps(monkeypatch):
+    monkeypatch.setattr(pretrain, "batch_size", 4096)
+    monkeypatch.setattr(pretrain, "micro_batch_size", 32)
+    assert pretrain.accumulation_steps(8) == 16 and pretrain.accumulation_steps(1) == 128
+    with pytest.raises(ValueError, match="batch_size=4096"):
+        pretrain.accumulation_steps(3)
+
+
+def test_unknown_key_is_an_error():
+    out = subprocess.run([sys.executable, SCRIPT, "--max_step=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "max_step" in out.stderr
+
+
+# -----------------------------------------------------------------------------
+# DDP on the real objective: 2 ranks == 1 process accumulating the same global batch
+
+def _tiny_model():
+    from model import BridgeTower, BridgeTowerConfig
+    torch.manual_seed(0)
+    config = BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, hidden_dropout=0.0, attention_dropout=0.0,
+                                      heads=("mlm", "itm"))
+    return BridgeTower(config)
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(0)
+    pretrain.image_size, pretrain.max_text_len = 32, 12
+    return [pretrain.random_batch(4, 300, g) for _ in range(n)]
+
+
+def _loss_fn(model, batch):
+    return pretrain.pretrain_loss(model, batch, torch.device("cpu"))
+
+
+def _ddp_worker(rank, port, batches, result_path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = tu.setup_distributed("cpu")
+    model = torch.nn.parallel.DistributedDataParallel(_tiny_model(), broadcast_buffers=False)
+    mine = batches[2 * rank:2 * rank + 2]  # 2 micro-steps per rank: the first runs under no_sync
+    out = tu.train_step(model, mine, _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), dist=dist)
+    if dist.is_master:
+        torch.save({"params": {k: v.detach() for k, v in model.module.named_parameters()}, "out": out}, result_path)
+    tu.cleanup_distributed()
+
+
+def test_ddp_gradients_match_single_process(tmp_path):
+    batches = _batches(4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, batches, str(tmp_path / "ddp.pt")), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    model = _tiny_model()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    out = tu.train_step(model, batches, _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0))
+    # SGD with lr 1: the update is minus the averaged gradient
+    for name, p in model.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), f"{name} got no gradient"
+        torch.testing.assert_close(ddp["params"][name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    for k in ("loss", "mlm_loss", "mlm_acc", "itm_loss", "itm_acc"):
+        assert ddp["out"][k] == pytest.approx(out[k], abs=1e-5), k
+
+
+# -----------------------------------------------------------------------------
+# kill and resume
+
+# accumulation over 2 micro-batches (data position), dropout on (RNG state), validation passes in between
+RESUME_ARGS = ["--max_steps=8", "--batch_size=16", "--micro_batch_size=8", "--image_size=32", "--eval_interval=4",
+               "--eval_batches=1", "--retrieval_size=4", "--ckpt_interval=2", "--lr=1e-3", "--log_interval=1",
+               "--dropout=0.1"]
+
+
+def _train_lines(run_dir):
+    lines = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        rec = json.loads(line)
+        if rec["kind"] == "train":  # a resumed run repeats the steps after its checkpoint: the last one counts
+            lines[rec["step"]] = {k: rec[k] for k in ("loss", "mlm_loss", "itm_loss", "grad_norm", "lr")}
+    return lines
+
+
+def _final_state(run_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    full_stdout = _run(RESUME_ARGS + [f"--out_dir={full}"])
+
+    proc = subprocess.Popen([sys.executable, SCRIPT, *RESUME_ARGS, f"--out_dir={cut}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(cut, "ckpt.pt")):  # the first checkpoint (step 2) is complete
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(cut, "final")), "the run finished before it was killed"
+    killed_at = torch.load(os.path.join(cut, "ckpt.pt"), weights_only=False)["step"]
+    assert killed_at < 8
+
+    stdout = _run(RESUME_ARGS + [f"--out_dir={cut}", "--resume"])
+    assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
+    assert _train_lines(cut) == _train_lines(full)
+    a, b = _final_state(full), _final_state(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _eval_line(stdout) == _eval_line(full_stdout)
+
+
+# -----------------------------------------------------------------------------
+# torchrun on CPU (gloo), and the benchmark mode
+
+def test_torchrun_two_processes(tmp_path):
+    run = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+           "--max_steps=4", "--image_size=32", "--eval_interval=2", "--eval_batches=1", "--retrieval_size=4",
+           "--ckpt_interval=2", f"--out_dir={run}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 process(es) x 1 micro-steps x 16 = batch 32" in out.stdout
+    evals = _eval_line(out.stdout)
+    assert {"mlm_acc", "itm_acc", "itm_r1_i2t", "itm_r1_t2i"} <= set(evals)
+    assert sorted(_train_lines(run)) == [1, 2, 3, 4]
+    assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(run, "final")))
+    assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)["step"] == 4
+
+
+def test_bench_mode():
+    out = _run(["--bench", "--bench_steps=2", "--image_size=32", "--batch_size=4", "--micro_batch_size=2",
+                "--max_text_len=8"])
+    assert "1 x 2 x 2" in out and "GFLOP/sample" in out
+    assert out.strip().splitlines()[-1].startswith("bench: median ms/step=")
