@@ -487,7 +487,7 @@ def load_eval_set(root, images, held_out):
     if annotations is None:
         raise FileNotFoundError(f"eval_split {eval_split} has no annotations: {annotations_path(root, eval_split)}")
     if eval_split in splits_of(train_splits):
-        keep = held_out[eval_split]
+        keep = held_out.get(eval_split)
         if not keep:
             raise ValueError(f"eval_split {eval_split} is also a training split: set eval_holdout > 0")
         questions = [q for q in questions if q["image_id"] in keep]
@@ -665,7 +665,8 @@ def main():
         answers = build_answer_vocab(vocab_annotations, min_answer_count)
         del vocab_annotations
     answer_to_label = {a: i for i, a in enumerate(answers)}
-    held_out = {s: holdout_images(load_questions(root, s, images)) for s in splits_of(train_splits)}
+    trained_on_eval = eval_split in splits_of(train_splits)
+    held_out = {eval_split: holdout_images(load_questions(root, eval_split, images))} if trained_on_eval else {}
     train_items, train_annotations, dropped = load_training_set(root, images, answer_to_label, held_out)
     majority = majority_answer(train_annotations)
     if dist.is_master:
@@ -722,8 +723,8 @@ def main():
     logger = tu.MetricLogger(out_dir, dist.is_master)
     warmup_steps = int(warmup_ratio * total_steps)
     cfg = raw_model.config
-    text_len = 16 if not data_dir else max_text_len  # a rough question length, for MFU only
-    step_flops = batch_size * tu.flops_per_sample(cfg, text_len, heads=("vqa",))
+    # questions are padded to the longest in the batch, so max_text_len overstates the FLOPs (MFU is an upper bound)
+    step_flops = batch_size * tu.flops_per_sample(cfg, max_text_len, heads=("vqa",))
     peak = tu.peak_flops(dist.device)
     if dist.is_master:
         n_params = sum(p.numel() for p in raw_model.parameters())
@@ -742,7 +743,7 @@ def main():
         state = tu.rng_state()
         _, result, _ = evaluate(raw_model, eval_questions, eval_annotations, answers, tokenizer, dist, autocast, majority)
         logger.log(step, kind="eval", vqa_acc=result["overall"] / 100,
-                   **{f"{t}_acc": v / 100 for t, v in result["perAnswerType"].items()})
+                   **{f"{t.replace('/', '')}_acc": v / 100 for t, v in result["perAnswerType"].items()})
         tu.set_rng_state(state)
 
     dt_avg, t_train = None, time.time()

@@ -214,8 +214,12 @@ def test_batch_schedule_ranks_and_resume(monkeypatch):
 # end to end: a tiny fine-tune on a tiny synthetic set (subprocesses, as a user runs it)
 
 SCRIPT = os.path.join(ROOT, "finetune_vqa.py")
-TINY = ["--init_from=", "--image_size=32", "--synthetic_images=48", "--batch_size=16", "--micro_batch_size=8",
+# tiny random-weight model, 32 px (4 patches), a small synthetic set; `TINY` for mechanics, `LEARN` long enough
+# for the model to get well past the majority answer (it learns the answer priors of each question kind first)
+TINY = ["--init_from=", "--image_size=32", "--synthetic_images=200", "--batch_size=16", "--micro_batch_size=8",
         "--max_steps=6", "--lr=1e-3", "--lr_mult_heads=1", "--log_interval=1", "--ckpt_interval=2", "--num_workers=0"]
+LEARN = ["--init_from=", "--image_size=32", "--synthetic_images=200", "--batch_size=32", "--micro_batch_size=32",
+         "--max_steps=200", "--lr=3e-4", "--lr_mult_heads=10", "--log_interval=50", "--num_workers=0"]
 
 
 def run_script(args, timeout=300):
@@ -234,8 +238,14 @@ def eval_line(stdout):
 def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("vqa")
     synthetic, run = str(base / "synthetic"), str(base / "run")
-    stdout = run_script(TINY + [f"--synthetic_dir={synthetic}", f"--out_dir={run}"])
+    stdout = run_script(LEARN + [f"--synthetic_dir={synthetic}", f"--out_dir={run}"])
     return {"synthetic": synthetic, "run": run, "stdout": stdout}
+
+
+def test_learns_far_above_the_majority_answer(tiny_run):
+    line = eval_line(tiny_run["stdout"])
+    # measured: vqa_acc 0.38 against 0.14 for always answering the most common training answer
+    assert line["vqa_acc"] >= line["majority_acc"] + 0.15, line
 
 
 def test_run_outputs(tiny_run):
@@ -324,3 +334,23 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
         assert torch.equal(a[k], b[k]), k
     drop_time = lambda line: {k: v for k, v in line.items() if k != "time_s"}
     assert drop_time(eval_line(stdout)) == drop_time(eval_line(full_stdout))
+
+
+def test_train_plus_val_holds_out_the_last_val_images(tmp_path, monkeypatch):
+    root = fv.write_synthetic_vqa(str(tmp_path), {"train2014": 6, "val2014": 5, "test2015": 2})
+    monkeypatch.setattr(fv, "train_splits", "train2014,val2014")
+    monkeypatch.setattr(fv, "eval_split", "val2014")
+    monkeypatch.setattr(fv, "eval_holdout", 2)
+    val_images = list(dict.fromkeys(q["image_id"] for q in fv.load_questions(root, "val2014")))
+    held_out = {"val2014": fv.holdout_images(fv.load_questions(root, "val2014"))}
+    assert held_out["val2014"] == set(val_images[-2:])
+    vocab = fv.build_answer_vocab(fv.load_annotations(root, "train2014") + fv.load_annotations(root, "val2014"), 1)
+    items, annotations, dropped = fv.load_training_set(root, root, {a: i for i, a in enumerate(vocab)}, held_out)
+    questions, eval_annotations = fv.load_eval_set(root, root, held_out)
+    assert dropped == 0 and len(items) == (6 + 3) * fv.QUESTIONS_PER_IMAGE == len(annotations)
+    assert {q["image_id"] for q in questions} == set(val_images[-2:])
+    assert not {q["image_id"] for q in items} & {q["image_id"] for q in questions}
+    assert sorted(a["question_id"] for a in eval_annotations) == sorted(q["question_id"] for q in questions)
+    monkeypatch.setattr(fv, "eval_holdout", 0)
+    with pytest.raises(ValueError, match="eval_holdout"):
+        fv.load_eval_set(root, root, {})
