@@ -21,9 +21,12 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
+from data import Tokenizer, build_pretrain_loader, demo_tokenizer
+from model import BridgeTower, BridgeTowerConfig, ResidualAttentionBlock, TextLayer
 
 # -----------------------------------------------------------------------------
 # default config: the CPU demo (config/pretrain_base.py has the paper's recipe)
@@ -46,13 +49,13 @@ dropout = 0.0                # hidden and attention dropout (0.1 in the paper; t
 data = "synthetic"           # build_pretrain_loader sources: synthetic | wds:... | coco:...@... | vg:...@..., comma-joined
 tokenizer_dir = ""           # "" -> the tokenizer of init_from or text_init, else the demo tokenizer trained on synthetic text
 max_text_len = 20            # tokens (50 in the paper; synthetic captions are at most 17)
-mlm_prob = 0.15
+mlm_prob = 0.3               # 0.15 in the paper; on the demo's ~10-word captions ITM then starts learning later
 itm_neg_prob = 0.5
 num_workers = 0
 # optimisation
 batch_size = 32              # global batch: all ranks and micro-steps together
 micro_batch_size = 16        # per rank and micro-step; accumulation = batch_size / (micro_batch_size * world size)
-max_steps = 500
+max_steps = 450
 lr = 3e-4                     # with the x5 multipliers below; 1e-3 and 5e-4 left ITM at chance in 500 steps
 warmup_ratio = 0.1           # of max_steps, then linear decay to 0
 weight_decay = 0.01
@@ -82,7 +85,7 @@ def pretrain_loss(model, batch, device, autocast=nullcontext()):
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
     masked = batch["mlm_labels"] != -100
     with autocast:
-        # the vocabulary projection only where a token is predicted (~15%): the largest matmul of the MLM head
+        # the vocabulary projection only where a token is predicted (15% in the paper): the head's largest matmul
         mlm_logits = model(batch["mlm_input_ids"], attention_mask=batch["attention_mask"],
                            pixel_values=batch["pixel_values"], heads=("mlm",), mlm_positions=masked).mlm_logits
         itm_logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -121,7 +124,6 @@ def retrieval_recall(model, batch, device, autocast=nullcontext()):
 def evaluate(model, tokenizer, dist, autocast):
     """MLM/ITM loss and accuracy on held-out batches (each rank its shard, averaged), and ITM retrieval recall@1.
     Leaves every RNG as it found it, so that a run with validation passes and a resumed run draw the same."""
-    from data import build_pretrain_loader
     state = tu.rng_state()
     model.eval()
     loader = build_pretrain_loader(data, tokenizer, split="val", image_size=image_size, batch_size=micro_batch_size,
@@ -147,7 +149,6 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
 def load_tokenizer():
     """(tokenizer, its directory). The directory's files are copied next to the final model."""
-    from data import Tokenizer, demo_tokenizer
     for d in (tokenizer_dir, init_from, text_init):
         if d and os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES):
             return Tokenizer.from_dir(d), d
@@ -158,7 +159,6 @@ def load_tokenizer():
 
 
 def build_model(vocab_size):
-    from model import BridgeTower, BridgeTowerConfig
     if init_from:
         return BridgeTower.from_pretrained(init_from, image_size=image_size, heads=HEADS)
     config = BridgeTowerConfig.preset(model_size, vocab_size=vocab_size, image_size=image_size, heads=HEADS,
@@ -172,8 +172,7 @@ def apply_grad_checkpointing(model):
     """Activation checkpointing from outside the model: each text/cross layer and CLIP block is wrapped so its
     activations are recomputed in the backward pass. The wrapper keeps state_dict keys unchanged and restores
     the RNG, so dropout masks (and results) are the same as without it."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-    from model import ResidualAttentionBlock, TextLayer  # CrossLayer is a TextLayer
+    # CrossLayer is a TextLayer
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (TextLayer, ResidualAttentionBlock)))
 
 
@@ -214,13 +213,11 @@ def main():
         torch.set_num_threads(cpu_threads)
     if bench:
         return run_bench(dist)
-    from data import build_pretrain_loader
     accum = accumulation_steps(dist.world_size)
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     tokenizer, tok_dir = load_tokenizer()
     ckpt = tu.load_latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        from model import BridgeTower, BridgeTowerConfig
         model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         if ckpt["world_size"] != dist.world_size or ckpt["accum"] != accum:
@@ -341,7 +338,6 @@ def random_batch(n, vocab_size, generator):
 
 def run_bench(dist):
     accum = accumulation_steps(dist.world_size)
-    from model import BridgeTower, BridgeTowerConfig
     torch.manual_seed(seed)
     cfg = BridgeTowerConfig.preset(model_size, image_size=image_size, heads=HEADS, hidden_dropout=dropout,
                                    attention_dropout=dropout)  # random weights: speed does not depend on them
