@@ -488,7 +488,7 @@ def test_padding_is_invisible():
         b = model(other, attention_mask=mask, pixel_values=pixels)
         c = model(ids[:1], attention_mask=mask[:1], pixel_values=pixels[:1])
         d = model(ids[:1], pixel_values=pixels[:1])
-    # positions come from the pad id, so change ids only where they stay non-pad tokens: a mask-only difference
+    # padding sits at the right end, so the real tokens keep their positions whatever ids the padding holds
     real = mask.bool()
     torch.testing.assert_close(a.text_features[real], b.text_features[real], rtol=0, atol=1e-5)
     torch.testing.assert_close(a.image_features, b.image_features, rtol=0, atol=1e-5)
