@@ -43,8 +43,8 @@ resume = False               # continue from out_dir/ckpt.pt
 init_from = "auto"           # BridgeTower checkpoint (HF dir, original .ckpt, our dir); "auto": the pre-training
                              # demo's out/pretrain/final if it exists, else random weights of model_size
 model_size = "tiny"          # BridgeTowerConfig preset for random weights
-image_size = 96              # pixels (576 in the paper, position embeddings interpolated from the checkpoint's)
-dropout = 0.1                # hidden and attention dropout of random-weight models
+image_size = 64              # pixels (576 in the paper, position embeddings interpolated from the checkpoint's)
+dropout = 0.0                # hidden and attention dropout of random-weight models (checkpoints bring their own)
 tokenizer_dir = ""           # "" -> init_from's tokenizer files, else the demo tokenizer
 # data
 data_dir = ""                # VQAv2 json files; "" -> the synthetic set, written to synthetic_dir
@@ -64,20 +64,22 @@ num_workers = 0              # loader processes per rank
 # optimisation
 batch_size = 32              # global batch: all ranks and micro-steps together
 micro_batch_size = 32        # per rank and micro-step
-epochs = 10                  # passes over the training questions
+epochs = 7                   # passes over the training questions (the paper: 10)
 max_steps = 0                # 0: epochs x steps per epoch; else stop (and schedule) at max_steps
-lr = 1e-4
+lr = 3e-4                    # the demo's; 1e-5 in the paper, where the towers are large and pre-trained for long
 warmup_ratio = 0.06          # of the steps, then linear decay to 0
 weight_decay = 0.05
 betas = (0.9, 0.98)
 adam_eps = 1e-8
-lr_mult_heads = 50.0         # vqa_classifier
-lr_mult_cross_modal = 5.0    # every cross_modal* parameter
+lr_mult_heads = 5.0          # vqa_classifier (the paper: 50)
+lr_mult_cross_modal = 1.0    # every cross_modal* parameter (the paper: 5; on the tiny demo model x5 slowed learning)
 grad_clip = 0.0              # 0: no clipping (the original does not clip)
 # system
 device = "auto"              # auto: cuda when available, else cpu
 dtype = "auto"               # auto: bfloat16 autocast on CUDA, float32 on CPU
 compile = False              # torch.compile the model
+cpu_threads = 1              # torch threads per process on CPU (0: torch's default). On 2 shared cores, 2 threads
+                             # spin-wait for each other (pretrain.py measured 1.5-2.7 s/step against 0.5 s with 1)
 seed = 0
 # --predict: top-5 answers for one image and question from a saved model dir
 predict = False
@@ -650,6 +652,8 @@ def main():
     if predict:
         return run_predict()
     dist = tu.setup_distributed(device)
+    if dist.device.type == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
     t_start = time.time()
     accum = accumulation_steps(dist.world_size)
     root, images = prepare_data(dist)

@@ -219,7 +219,8 @@ SCRIPT = os.path.join(ROOT, "finetune_vqa.py")
 TINY = ["--init_from=", "--image_size=32", "--synthetic_images=200", "--batch_size=16", "--micro_batch_size=8",
         "--max_steps=6", "--lr=1e-3", "--lr_mult_heads=1", "--log_interval=1", "--ckpt_interval=2", "--num_workers=0"]
 LEARN = ["--init_from=", "--image_size=32", "--synthetic_images=200", "--batch_size=32", "--micro_batch_size=32",
-         "--max_steps=200", "--lr=3e-4", "--lr_mult_heads=10", "--log_interval=50", "--num_workers=0"]
+         "--max_steps=200", "--lr=3e-4", "--lr_mult_heads=10", "--lr_mult_cross_modal=5", "--log_interval=50",
+         "--num_workers=0", "--dropout=0.1"]
 
 
 def run_script(args, timeout=300):
