@@ -248,8 +248,7 @@ def main():
     if compile:
         model = torch.compile(model)
     if dist.world_size > 1:
-        # no buffers need syncing (no batch norm), so skip the per-forward buffer broadcast
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     autocast = autocast_for(dist.device)
     loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
 
@@ -348,7 +347,7 @@ def run_bench(dist):
     if compile:
         model = torch.compile(model)
     if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     autocast = autocast_for(dist.device)
     loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
     g = torch.Generator().manual_seed(seed + dist.rank)

@@ -49,8 +49,9 @@ def test_base_config_is_the_paper_recipe():
     tu.configure(g, [os.path.join(ROOT, "config/pretrain_base.py")])
     assert (g["model_size"], g["image_size"], g["batch_size"], g["max_steps"], g["lr"]) == ("base", 288, 4096, 100_000, 1e-5)
     assert (g["betas"], g["adam_eps"], g["weight_decay"], g["warmup_ratio"]) == ((0.9, 0.98), 1e-8, 0.01, 0.1)
-    assert (g["lr_mult_cross_modal"], g["lr_mult_heads"], g["max_text_len"], g["dtype"]) == (5.0, 5.0, 50, "bfloat16")
+    assert (g["lr_mult_cross_modal"], g["lr_mult_heads"], g["max_text_len"], g["dtype"]) == (5.0, 5.0, 50, "auto")
     assert g["text_init"] and g["vision_init"]
+    assert pretrain.use_bf16(torch.device("cuda")) and not pretrain.use_bf16(torch.device("cpu"))  # dtype "auto"
 
 
 def test_accumulation_steps(monkeypatch):
@@ -91,7 +92,7 @@ def _ddp_worker(rank, port, batches, result_path):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist = tu.setup_distributed("cpu")
-    model = torch.nn.parallel.DistributedDataParallel(_tiny_model(), broadcast_buffers=False)
+    model = torch.nn.parallel.DistributedDataParallel(_tiny_model())
     mine = batches[2 * rank:2 * rank + 2]  # 2 micro-steps per rank: the first runs under no_sync
     out = tu.train_step(model, mine, _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), dist=dist)
     if dist.is_master:
@@ -202,6 +203,11 @@ def test_torchrun_two_processes(tmp_path):
     assert sorted(_train_lines(run)) == [1, 2, 3, 4]
     assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(run, "final")))
     assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)["step"] == 4
+    # a BridgeTower checkpoint (ours) as the start of another run, with its own tokenizer
+    stdout = _run(["--max_steps=1", "--image_size=32", "--eval_batches=1", "--retrieval_size=4",
+                   f"--init_from={run}/final", f"--out_dir={tmp_path / 'again'}"])
+    assert f"{run}/final" in stdout and "loaded" in stdout
+    _eval_line(stdout)
 
 
 def test_bench_mode():
