@@ -355,3 +355,38 @@ def test_train_plus_val_holds_out_the_last_val_images(tmp_path, monkeypatch):
     monkeypatch.setattr(fv, "eval_holdout", 0)
     with pytest.raises(ValueError, match="eval_holdout"):
         fv.load_eval_set(root, root, {})
+
+
+# -----------------------------------------------------------------------------
+# configs
+
+def config_file_values(name):
+    ns = {}
+    exec(open(os.path.join(ROOT, "config", name)).read(), ns)
+    return {k: v for k, v in ns.items() if not k.startswith("_")}
+
+
+def test_demo_config_is_the_default():
+    demo = config_file_values("finetune_vqa_demo.py")
+    assert demo and all(getattr(fv, k) == v for k, v in demo.items()), \
+        {k: (getattr(fv, k), v) for k, v in demo.items() if getattr(fv, k) != v}
+
+
+def test_base_config_is_the_paper_recipe():
+    import train_utils as tu
+    base = config_file_values("finetune_vqa_base.py")
+    assert set(base) <= set(tu._config_keys(vars(fv))), "unknown keys in the base config"
+    assert base["image_size"] == 576 and base["train_splits"] == "train2014,val2014" and base["epochs"] == 10
+    assert base["lr"] == 1e-5 and base["lr_mult_heads"] == 50 and base["lr_mult_cross_modal"] == 5
+    assert base["warmup_ratio"] == 0.06 and base["weight_decay"] == 0.05 and base["batch_size"] == 512
+    assert base["min_answer_count"] == 9 and base["crop_scale"] == (0.5, 1.0) and base["randaugment"] == (2, 5)
+    assert base["init_from"] and base["eval_holdout"] == 1000
+
+
+def test_finetune_from_a_checkpoint_at_a_new_image_size(tmp_path, tiny_run):
+    # the fine-tuned tiny model (32 px, with a VQA head of the same vocabulary) as the starting checkpoint at 48 px:
+    # the position table is interpolated, the head and the tokenizer come from the checkpoint
+    stdout = run_script(TINY + [f"--synthetic_dir={tiny_run['synthetic']}", f"--init_from={tiny_run['run']}/final",
+                                "--image_size=48", "--max_steps=2", "--test_split=", f"--out_dir={tmp_path}"])
+    assert f"from {tiny_run['run']}/final at 48px" in stdout
+    assert json.load(open(tmp_path / "final" / "config.json"))["vision_config"]["image_size"] == 48
