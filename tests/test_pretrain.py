@@ -234,3 +234,29 @@ def test_default_run_learns(tmp_path):
     assert evals["mlm_acc"] > 0.65, stdout[-2000:]
     assert evals["itm_r1_i2t"] + evals["itm_r1_t2i"] > 4 / 16, stdout[-2000:]
     assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(run, "final")))
+
+
+def test_init_from_roberta_and_clip(tmp_path):
+    # --text_init / --vision_init: tiny random RoBERTa and CLIP in the HF layout; the run takes the RoBERTa
+    # directory's tokenizer, and with lr 0 the saved model still holds the RoBERTa weights
+    T = pytest.importorskip("transformers")
+    from data import demo_tokenizer
+    tok_dir = tmp_path / "tok"
+    vocab = demo_tokenizer(str(tok_dir)).vocab_size
+    torch.manual_seed(0)
+    roberta = T.RobertaModel(T.RobertaConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=4,
+                                             num_attention_heads=4, intermediate_size=256, max_position_embeddings=514,
+                                             type_vocab_size=1, layer_norm_eps=1e-5))
+    roberta.save_pretrained(tmp_path / "roberta")
+    for f in ("vocab.json", "merges.txt"):
+        (tmp_path / "roberta" / f).write_bytes((tok_dir / f).read_bytes())
+    T.CLIPVisionModel(T.CLIPVisionConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+                                         intermediate_size=512, patch_size=16, image_size=32)).save_pretrained(tmp_path / "clip")
+    run = tmp_path / "run"
+    stdout = _run([f"--text_init={tmp_path / 'roberta'}", f"--vision_init={tmp_path / 'clip'}", "--max_steps=1",
+                   "--lr=0", "--image_size=32", "--eval_batches=1", "--retrieval_size=4", f"--out_dir={run}"])
+    assert "loaded the text encoder" in stdout and "loaded the image encoder" in stdout
+    saved = _final_state(str(run))
+    word = "bridgetower.text_model.embeddings.word_embeddings.weight"
+    assert torch.equal(saved[word], roberta.embeddings.word_embeddings.weight.detach())
+    assert (run / "final" / "vocab.json").read_bytes() == (tok_dir / "vocab.json").read_bytes()
