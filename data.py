@@ -961,10 +961,12 @@ class PretrainLoader:
 
     def __init__(self, dataset, num_workers, start_batch):
         self.batch_index = start_batch
-        # batch_size=None: the workers already yield whole batches; pinned memory speeds the host-to-GPU copy
+        # batch_size=None: the workers already yield whole batches; pinned memory speeds the host-to-GPU copy.
+        # A private generator: otherwise the DataLoader draws its worker seed from torch's global RNG when its
+        # iterator starts, which shifts the training's dropout masks after a resume (our streams seed themselves).
         self.dataloader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator())
         self._it = None
 
     def __iter__(self):

@@ -277,10 +277,7 @@ def main():
     def micro_batches():
         nonlocal skipped_local
         for _ in range(accum):
-            # torch's DataLoader draws a seed from the global RNG when its iterator starts; kept off the global
-            # stream, so that a resumed run (whose loader starts later) draws the same dropout masks
-            with torch.random.fork_rng(devices=[]):
-                batch = next(loader)
+            batch = next(loader)
             skipped_local += int(batch.get("skipped", 0))
             yield batch
 
