@@ -18,7 +18,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -27,9 +26,13 @@ from dataclasses import asdict
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import pretrain
 import train_utils as tu
+from data import COLORS, SHAPES, Tokenizer, demo_tokenizer, eval_transform, make_scene, train_transform
+from model import BridgeTower, BridgeTowerConfig
 
 # -----------------------------------------------------------------------------
 # default config: the CPU demo (config/finetune_vqa_base.py has the paper's recipe)
@@ -281,7 +284,6 @@ def _center_x(obj):
 def scene_questions(objects, size, rng):
     """Every question one can ask about a scene: (question, answer, answer_type, question_type, wrong answers
     an annotator might give)."""
-    from data import COLORS, SHAPES
     shape_count = Counter(o["shape"] for o in objects)
     color_count = Counter(o["color"] for o in objects)
     pair_count = Counter((o["color"], o["shape"]) for o in objects)
@@ -291,7 +293,7 @@ def scene_questions(objects, size, rng):
             qs.append((f"what color is the {o['shape']}?", o["color"], "other", "what color is the", list(COLORS)))
         if color_count[o["color"]] == 1:
             qs.append((f"what shape is the {o['color']} object?", o["shape"], "other", "what shape is the", SHAPES))
-        # only objects clearly off the centre: a random crop must not move them across it
+        # only objects clearly off the centre, which a random crop seldom moves across it
         if pair_count[(o["color"], o["shape"])] == 1 and abs(_center_x(o) - size / 2) > 0.2 * size:
             side = "left" if _center_x(o) < size / 2 else "right"
             qs.append((f"is the {o['color']} {o['shape']} on the left or the right?", side, "other", "is the",
@@ -329,7 +331,6 @@ def write_synthetic_vqa(out_dir, images_per_split, image_px=128, seed=0):
     """Write the synthetic set (questions, annotations, COCO-named JPEGs) unless out_dir already holds the
     same one. images_per_split: {"train2014": n, "val2014": n, "test2015": n}; test gets no annotations, and
     a test-dev2015 questions file covers the first half of the test images, as in the real release."""
-    from data import make_scene
     stamp = json.dumps({"images": images_per_split, "px": image_px, "seed": seed, "version": 1}, sort_keys=True)
     stamp_path = os.path.join(out_dir, "synthetic.json")
     if os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
@@ -388,7 +389,6 @@ class VQADataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, key):
-        from PIL import Image
         i, aug_seed = key
         item = self.items[i]
         with Image.open(item["image"]) as img:
@@ -500,8 +500,8 @@ def load_eval_set(root, images, held_out):
 # -----------------------------------------------------------------------------
 # Model, tokenizer, optimiser
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
-PRETRAIN_DEMO_MODEL = "out/pretrain/final"   # where `python pretrain.py` leaves its final model
+TOKENIZER_FILES = pretrain.TOKENIZER_FILES                          # what a model dir carries besides weights
+PRETRAIN_DEMO_MODEL = os.path.join(pretrain.out_dir, "final")       # where `python pretrain.py` leaves its model
 
 
 def resolve_init():
@@ -513,7 +513,6 @@ def resolve_init():
 
 def load_tokenizer(init_path):
     """(tokenizer, its directory): tokenizer_dir, else the checkpoint's own files, else the demo tokenizer."""
-    from data import Tokenizer, demo_tokenizer
     for d in (tokenizer_dir, init_path):
         if d and os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES):
             return Tokenizer.from_dir(d), d
@@ -524,7 +523,6 @@ def load_tokenizer(init_path):
 
 
 def build_model(init_path, vocab_size, num_answers):
-    from model import BridgeTower, BridgeTowerConfig
     if init_path:
         # a new VQA head; the image position table is interpolated to image_size (288 -> 576 in the paper)
         return BridgeTower.from_pretrained(init_path, image_size=image_size, heads=("vqa",),
@@ -562,9 +560,9 @@ def vqa_loss(model, batch, device, autocast=nullcontext()):
 # Prediction and evaluation
 
 @torch.no_grad()
-def predict_answers(model, questions, answers, tokenizer, dist, autocast=nullcontext(), batch=64):
+def predict_answers(model, questions, answers, tokenizer, dist, autocast=nullcontext()):
     """{question_id: answer} for every question: each rank answers its share, all ranks get the union."""
-    from data import eval_transform
+    batch = 2 * micro_batch_size  # no activations kept for backward
     model.eval()
     mine = questions[dist.rank::dist.world_size]
     dataset = VQADataset(mine, eval_transform(image_size), len(answers))
@@ -597,8 +595,6 @@ def majority_answer(annotations):
 @torch.no_grad()
 def predict_top(model, tokenizer, answers, image_file, text, k=5):
     """[(answer, probability)] of the k best answers for one image and question."""
-    from PIL import Image
-    from data import eval_transform
     model.eval()
     with Image.open(image_file) as img:
         pixels = eval_transform(model.config.image_size)(img)[None]
@@ -611,8 +607,6 @@ def predict_top(model, tokenizer, answers, image_file, text, k=5):
 
 def load_finetuned(path):
     """(model, tokenizer, answers) from a saved fine-tuned model dir."""
-    from data import Tokenizer
-    from model import BridgeTower
     with open(os.path.join(path, "answers.json")) as f:
         answers = json.load(f)
     return BridgeTower.from_pretrained(path), Tokenizer.from_dir(path), answers
@@ -683,7 +677,6 @@ def main():
     tokenizer, tok_dir = load_tokenizer(init_path)
     torch.manual_seed(seed)  # the same initial head on every rank (DDP also broadcasts rank 0's)
     if ckpt is not None:
-        from model import BridgeTower, BridgeTowerConfig
         model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         if ckpt["world_size"] != dist.world_size or ckpt["accum"] != accum:
@@ -718,7 +711,6 @@ def main():
     autocast = autocast_for(dist.device)
     loss_fn = lambda m, b: vqa_loss(m, b, dist.device, autocast)
 
-    from data import train_transform
     dataset = VQADataset(train_items, train_transform(image_size, scale=crop_scale, randaugment=randaugment),
                          len(answers))
     loader = iter(make_loader(dataset, micro_batch_schedule(len(train_items), step, accum, dist), tokenizer))
