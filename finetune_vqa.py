@@ -518,6 +518,9 @@ def load_tokenizer(init_path):
             return Tokenizer.from_dir(d), d
     if tokenizer_dir:
         raise FileNotFoundError(f"no tokenizer files in tokenizer_dir={tokenizer_dir!r}")
+    if init_path:  # e.g. an original .ckpt: its token ids are RoBERTa's, which the demo tokenizer does not have
+        raise FileNotFoundError(f"no tokenizer files next to init_from={init_path!r}: set --tokenizer_dir "
+                                f"(roberta-base's vocab.json + merges.txt for the released checkpoints)")
     cache = os.path.join(os.path.dirname(out_dir.rstrip("/")) or ".", "tokenizer")
     return demo_tokenizer(cache_dir=cache), cache
 

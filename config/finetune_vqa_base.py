@@ -10,6 +10,7 @@
 # The paths are where the checkpoint and VQAv2 are expected; override them on the command line.
 out_dir = "out/vqa_base"
 init_from = "checkpoints/bridgetower-base"   # pre-trained BridgeTower: HF dir (with its tokenizer) or original .ckpt
+tokenizer_dir = ""                           # needed with an original .ckpt: roberta-base's vocab.json + merges.txt
 image_size = 576
 data_dir = "data/vqav2"          # v2_OpenEnded_mscoco_*_questions.json, v2_mscoco_*_annotations.json
 image_root = "data/coco"         # train2014/ val2014/ test2015/ with COCO_{split}_{id:012d}.jpg
