@@ -17,7 +17,6 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -500,7 +499,6 @@ def load_eval_set(root, images, held_out):
 # -----------------------------------------------------------------------------
 # Model, tokenizer, optimiser
 
-TOKENIZER_FILES = pretrain.TOKENIZER_FILES                          # what a model dir carries besides weights
 PRETRAIN_DEMO_MODEL = os.path.join(pretrain.out_dir, "final")       # where `python pretrain.py` leaves its model
 
 
@@ -513,9 +511,9 @@ def resolve_init():
 
 def load_tokenizer(init_path):
     """(tokenizer, its directory): tokenizer_dir, else the checkpoint's own files, else the demo tokenizer."""
-    for d in (tokenizer_dir, init_path):
-        if d and os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES):
-            return Tokenizer.from_dir(d), d
+    found = tu.tokenizer_dir_in(tokenizer_dir, init_path)
+    if found:
+        return Tokenizer.from_dir(found), found
     if tokenizer_dir:
         raise FileNotFoundError(f"no tokenizer files in tokenizer_dir={tokenizer_dir!r}")
     if init_path:  # e.g. an original .ckpt: its token ids are RoBERTa's, which the demo tokenizer does not have
@@ -539,11 +537,6 @@ def make_optimizer(model, device):
     groups = tu.param_groups(model, weight_decay, {"vqa_classifier": lr_mult_heads,
                                                    "cross_modal": lr_mult_cross_modal})
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=adam_eps, fused=device.type == "cuda")
-
-
-def autocast_for(device):
-    bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def vqa_loss(model, batch, device, autocast=nullcontext()):
@@ -628,14 +621,6 @@ def run_predict():
 # -----------------------------------------------------------------------------
 # Training
 
-def accumulation_steps(world_size):
-    per_step = micro_batch_size * world_size
-    if batch_size % per_step:
-        raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size={micro_batch_size} "
-                         f"x {world_size} processes")
-    return batch_size // per_step
-
-
 def evaluate(model, eval_questions, eval_annotations, answers, tokenizer, dist, autocast, majority):
     """Official accuracy on the evaluation questions, and that of always answering the training majority answer."""
     predictions = predict_answers(model, eval_questions, answers, tokenizer, dist, autocast)
@@ -652,7 +637,7 @@ def main():
     if dist.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     t_start = time.time()
-    accum = accumulation_steps(dist.world_size)
+    accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     root, images = prepare_data(dist)
 
     # the answer vocabulary: from the annotations, or from the checkpoint when resuming (it must not move)
@@ -711,7 +696,7 @@ def main():
         model = torch.compile(model)
     if dist.world_size > 1:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
-    autocast = autocast_for(dist.device)
+    autocast = tu.autocast(dist.device, dtype)
     loss_fn = lambda m, b: vqa_loss(m, b, dist.device, autocast)
 
     dataset = VQADataset(train_items, train_transform(image_size, scale=crop_scale, randaugment=randaugment),
@@ -773,9 +758,7 @@ def main():
         final_dir = os.path.join(out_dir, "final")
         raw_model.save_pretrained(final_dir)
         _write_json(os.path.join(final_dir, "answers.json"), answers)
-        for f in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(tok_dir, f)):
-                shutil.copy(os.path.join(tok_dir, f), final_dir)
+        tu.copy_tokenizer(tok_dir, final_dir)
         print(f"saved {final_dir} | {step} steps, training {train_time:.0f}s")
     if test_split:
         test_questions = load_questions(root, test_split, images)

@@ -14,7 +14,6 @@ The run directory (out_dir) gets metrics.jsonl, ckpt.pt (the latest checkpoint) 
 the tokenizer files), which finetune_vqa.py can start from.
 """
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -144,14 +143,11 @@ def evaluate(model, tokenizer, dist, autocast):
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
-
-
 def load_tokenizer():
     """(tokenizer, its directory). The directory's files are copied next to the final model."""
-    for d in (tokenizer_dir, init_from, text_init):
-        if d and os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES):
-            return Tokenizer.from_dir(d), d
+    found = tu.tokenizer_dir_in(tokenizer_dir, init_from, text_init)
+    if found:
+        return Tokenizer.from_dir(found), found
     if tokenizer_dir:
         raise FileNotFoundError(f"no tokenizer files in tokenizer_dir={tokenizer_dir!r}")
     cache = os.path.join(os.path.dirname(out_dir.rstrip("/")) or ".", "tokenizer")
@@ -190,22 +186,6 @@ def make_optimizer(model, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=adam_eps, fused=device.type == "cuda")
 
 
-def use_bf16(device):
-    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-
-
-def autocast_for(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device) else nullcontext()
-
-
-def accumulation_steps(world_size):
-    per_step = micro_batch_size * world_size
-    if batch_size % per_step:
-        raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size={micro_batch_size} "
-                         f"x {world_size} processes")
-    return batch_size // per_step
-
-
 def main():
     config = tu.configure(globals())
     dist = tu.setup_distributed(device)
@@ -213,7 +193,7 @@ def main():
         torch.set_num_threads(cpu_threads)
     if bench:
         return run_bench(dist)
-    accum = accumulation_steps(dist.world_size)
+    accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     tokenizer, tok_dir = load_tokenizer()
     ckpt = tu.load_latest_checkpoint(out_dir) if resume else None
@@ -249,7 +229,7 @@ def main():
         model = torch.compile(model)
     if dist.world_size > 1:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    autocast = autocast_for(dist.device)
+    autocast = tu.autocast(dist.device, dtype)
     loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
 
     # each rank reads its own stream; start_batch skips the micro-batches the checkpointed run had consumed (per rank)
@@ -310,9 +290,7 @@ def main():
     if dist.is_master:
         final_dir = os.path.join(out_dir, "final")
         raw_model.save_pretrained(final_dir)
-        for f in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(tok_dir, f)):
-                shutil.copy(os.path.join(tok_dir, f), final_dir)
+        tu.copy_tokenizer(tok_dir, final_dir)
         print(f"saved {final_dir} | {step} steps in {time.time() - t_start:.0f}s")
         keys = ["mlm_acc", "itm_acc"] + [k for k in final if k not in ("mlm_acc", "itm_acc")]
         print("eval: " + " ".join(f"{k}={final[k]:.2f}" for k in keys), flush=True)
@@ -333,7 +311,7 @@ def random_batch(n, vocab_size, generator):
 
 
 def run_bench(dist):
-    accum = accumulation_steps(dist.world_size)
+    accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     torch.manual_seed(seed)
     cfg = BridgeTowerConfig.preset(model_size, image_size=image_size, heads=HEADS, hidden_dropout=dropout,
                                    attention_dropout=dropout)  # random weights: speed does not depend on them
@@ -345,7 +323,7 @@ def run_bench(dist):
         model = torch.compile(model)
     if dist.world_size > 1:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    autocast = autocast_for(dist.device)
+    autocast = tu.autocast(dist.device, dtype)
     loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
     g = torch.Generator().manual_seed(seed + dist.rank)
     batches = [random_batch(micro_batch_size, cfg.vocab_size, g) for _ in range(accum)]
@@ -354,7 +332,7 @@ def run_bench(dist):
     if dist.is_master:
         print(f"bench: {model_size} {image_size}px text {max_text_len} | batch {batch_size} = {dist.world_size} x "
               f"{accum} x {micro_batch_size} | {flops / batch_size / 1e9:.1f} GFLOP/sample | dtype "
-              f"{'bf16' if use_bf16(dist.device) else 'fp32'} | "
+              f"{'bf16' if tu.use_bf16(dist.device, dtype) else 'fp32'} | "
               f"{torch.get_num_threads()} threads")
     times = []
     for step in range(bench_steps):

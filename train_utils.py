@@ -6,9 +6,9 @@ accumulation).
 """
 import ast
 import json
-import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -136,6 +136,41 @@ def all_reduce_mean(values, dist):
 
 # -----------------------------------------------------------------------------
 # optimiser groups and learning-rate schedule
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")  # what a model directory carries besides weights
+
+
+def tokenizer_dir_in(*dirs):
+    """The first of dirs that holds tokenizer files, or None."""
+    for d in dirs:
+        if d and os.path.isdir(d) and any(os.path.exists(os.path.join(d, f)) for f in TOKENIZER_FILES):
+            return d
+    return None
+
+
+def copy_tokenizer(src_dir, dst_dir):
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src_dir, f)):
+            shutil.copy(os.path.join(src_dir, f), dst_dir)
+
+
+def accumulation_steps(batch_size, micro_batch_size, world_size):
+    """Micro-steps per optimiser step, so that the global batch is the same whatever the number of processes."""
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of micro_batch_size={micro_batch_size} "
+                         f"x {world_size} processes")
+    return batch_size // per_step
+
+
+def use_bf16(device, dtype):
+    """dtype "auto": bf16 autocast on CUDA, fp32 elsewhere; "bfloat16" / "float32" force it."""
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, dtype) else nullcontext()
+
 
 def param_groups(model, weight_decay, lr_mults=None):
     """AdamW groups: no decay on biases and LayerNorm weights (every tensor with ndim < 2), and an lr multiplier

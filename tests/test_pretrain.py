@@ -51,15 +51,13 @@ def test_base_config_is_the_paper_recipe():
     assert (g["betas"], g["adam_eps"], g["weight_decay"], g["warmup_ratio"]) == ((0.9, 0.98), 1e-8, 0.01, 0.1)
     assert (g["lr_mult_cross_modal"], g["lr_mult_heads"], g["max_text_len"], g["dtype"]) == (5.0, 5.0, 50, "auto")
     assert g["text_init"] and g["vision_init"]
-    assert pretrain.use_bf16(torch.device("cuda")) and not pretrain.use_bf16(torch.device("cpu"))  # dtype "auto"
+    assert tu.use_bf16(torch.device("cuda"), g["dtype"]) and not tu.use_bf16(torch.device("cpu"), g["dtype"])
 
 
-def test_accumulation_steps(monkeypatch):
-    monkeypatch.setattr(pretrain, "batch_size", 4096)
-    monkeypatch.setattr(pretrain, "micro_batch_size", 32)
-    assert pretrain.accumulation_steps(8) == 16 and pretrain.accumulation_steps(1) == 128
+def test_accumulation_steps():
+    assert tu.accumulation_steps(4096, 32, 8) == 16 and tu.accumulation_steps(4096, 32, 1) == 128
     with pytest.raises(ValueError, match="batch_size=4096"):
-        pretrain.accumulation_steps(3)
+        tu.accumulation_steps(4096, 32, 3)
 
 
 def test_unknown_key_is_an_error():
