@@ -19,7 +19,7 @@ import json
 import math
 import os
 import pickle
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

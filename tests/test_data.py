@@ -138,7 +138,7 @@ def test_tokenizer_from_tokenizer_json(bpe_dir, tmp_path):
 
 def test_demo_tokenizer_deterministic_and_compact(tmp_path, capsys):
     a = data.demo_tokenizer(tmp_path / "a")
-    b = data.demo_tokenizer(tmp_path / "b")
+    data.demo_tokenizer(tmp_path / "b")
     for name in ("vocab.json", "merges.txt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert a.special_ids == [0, 1, 2, 3, 4] and a.vocab_size < 1000

@@ -3,7 +3,6 @@ model.py against transformers (the parity target) with random weights, loaded th
 transformers' save_pretrained -> our from_pretrained (and back). Tiny configs for breadth, base size once.
 """
 
-import math
 import os
 
 import pytest
