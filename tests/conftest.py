@@ -8,3 +8,29 @@ import torch
 # ("auto" picks Triton only on CUDA).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def kill_after_first_checkpoint(command, run_dir, cwd, timeout=240):
+    """Start a training run and SIGKILL it as soon as run_dir/ckpt.pt exists (checkpoints are written to a
+    temporary file and renamed, so it is complete). Returns the step that checkpoint holds."""
+    import signal
+    import subprocess
+    import time
+    ckpt = os.path.join(run_dir, "ckpt.pt")
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not os.path.exists(ckpt):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(run_dir, "final")), "the run finished before it was killed"
+    return torch.load(ckpt, weights_only=False)["step"]
+
+
+def assert_same_final_weights(run_a, run_b):
+    from safetensors.torch import load_file
+    a, b = (load_file(os.path.join(d, "final", "model.safetensors")) for d in (run_a, run_b))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,11 +1,9 @@
 """pretrain.py: configs, DDP gradient equivalence on the real objective, kill-and-resume, the demo's learning."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ import torch.multiprocessing as mp
 
 import pretrain
 import train_utils as tu
+from conftest import assert_same_final_weights, kill_after_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain.py")
@@ -163,25 +162,13 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     full_stdout = _run(RESUME_ARGS + [f"--out_dir={full}"])
 
-    proc = subprocess.Popen([sys.executable, SCRIPT, *RESUME_ARGS, f"--out_dir={cut}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not os.path.exists(os.path.join(cut, "ckpt.pt")):  # the first checkpoint (step 2) is complete
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(cut, "final")), "the run finished before it was killed"
-    killed_at = torch.load(os.path.join(cut, "ckpt.pt"), weights_only=False)["step"]
+    killed_at = kill_after_first_checkpoint([sys.executable, SCRIPT, *RESUME_ARGS, f"--out_dir={cut}"], cut, ROOT)
     assert killed_at < 8
 
     stdout = _run(RESUME_ARGS + [f"--out_dir={cut}", "--resume"])
     assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
     assert _train_lines(cut) == _train_lines(full)
-    a, b = _final_state(full), _final_state(cut)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_final_weights(full, cut)
     assert _eval_line(stdout) == _eval_line(full_stdout)
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import finetune_vqa as fv
+from conftest import assert_same_final_weights, kill_after_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -306,33 +307,17 @@ def train_lines(run_dir):
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
-    import signal
-    import time
-    import torch
-    from safetensors.torch import load_file
     args = TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=8", "--test_split="]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     full_stdout = run_script(args + [f"--out_dir={full}"])
 
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args, f"--out_dir={cut}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not os.path.exists(os.path.join(cut, "ckpt.pt")):  # the first checkpoint (step 2) is complete
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(cut, "final")), "the run finished before it was killed"
-    killed_at = torch.load(os.path.join(cut, "ckpt.pt"), weights_only=False)["step"]
+    killed_at = kill_after_first_checkpoint([sys.executable, SCRIPT, *args, f"--out_dir={cut}"], cut, ROOT)
     assert killed_at < 8
 
     stdout = run_script(args + [f"--out_dir={cut}", "--resume"])
     assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
     assert train_lines(cut) == train_lines(full) and len(train_lines(full)) == 8
-    a, b = load_file(os.path.join(full, "final", "model.safetensors")), load_file(os.path.join(cut, "final", "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_final_weights(full, cut)
     drop_time = lambda line: {k: v for k, v in line.items() if k != "time_s"}
     assert drop_time(eval_line(stdout)) == drop_time(eval_line(full_stdout))
 
