@@ -180,6 +180,17 @@ def step_flops(cfg):
                          tu.flops_per_sample(cfg, max_text_len, heads=("itm",)))
 
 
+def wrap_for_training(model, dist):
+    """Activation checkpointing, torch.compile and DDP, as configured; the caller keeps the raw model."""
+    if grad_checkpointing:
+        apply_grad_checkpointing(model)
+    if compile:
+        model = torch.compile(model)
+    if dist.world_size > 1:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    return model
+
+
 def make_optimizer(model, device):
     groups = tu.param_groups(model, weight_decay, {"cross_modal": lr_mult_cross_modal, "mlm_score": lr_mult_heads,
                                                    "itm_score": lr_mult_heads})
@@ -223,12 +234,7 @@ def main():
     start_step = step
     del ckpt
     raw_model = model
-    if grad_checkpointing:
-        apply_grad_checkpointing(model)
-    if compile:
-        model = torch.compile(model)
-    if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    model = wrap_for_training(model, dist)
     autocast = tu.autocast(dist.device, dtype)
     loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
 
@@ -317,12 +323,7 @@ def run_bench(dist):
                                    attention_dropout=dropout)  # random weights: speed does not depend on them
     model = BridgeTower(cfg).to(dist.device)
     optimizer = make_optimizer(model, dist.device)
-    if grad_checkpointing:
-        apply_grad_checkpointing(model)
-    if compile:
-        model = torch.compile(model)
-    if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    model = wrap_for_training(model, dist)
     autocast = tu.autocast(dist.device, dtype)
     loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
     g = torch.Generator().manual_seed(seed + dist.rank)
