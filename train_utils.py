@@ -116,6 +116,10 @@ def setup_distributed(device="auto"):
 
 def cleanup_distributed():
     if torch_dist.is_initialized():
+        # wait for every rank (rank 0 may still be saving the final model): a rank that tears down its gloo
+        # threads while a peer still holds the connection can abort ("terminate called without an active
+        # exception", seen in tests/test_pretrain.py::test_torchrun_two_processes about 1 run in 5)
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
