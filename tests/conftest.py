@@ -34,3 +34,33 @@ def assert_same_final_weights(run_a, run_b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def run_script(script, args, timeout=300, **kwargs):
+    """Run `python script *args` from the project root; fail with its output's tail unless it exits 0."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, script, *args], cwd=root, capture_output=True, text=True, timeout=timeout,
+                         **kwargs)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def eval_line(stdout):
+    """The fields of a training script's last line, `eval: key=value ...`."""
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("eval: "), last
+    return {k: float(v) for k, v in (kv.split("=") for kv in last[len("eval: "):].split())}
+
+
+def train_lines(run_dir, keys):
+    """{step: {key: value}} of the train records in run_dir/metrics.jsonl. A resumed run repeats the steps after
+    its checkpoint: the last record of a step counts."""
+    import json
+    lines = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            lines[rec["step"]] = {k: rec[k] for k in keys}
+    return lines

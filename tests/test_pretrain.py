@@ -1,5 +1,4 @@
 """pretrain.py: configs, DDP gradient equivalence on the real objective, kill-and-resume, the demo's learning."""
-import json
 import os
 import socket
 import subprocess
@@ -11,22 +10,14 @@ import torch.multiprocessing as mp
 
 import pretrain
 import train_utils as tu
-from conftest import assert_same_final_weights, kill_after_first_checkpoint
+from conftest import assert_same_final_weights, eval_line, kill_after_first_checkpoint, run_script, train_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain.py")
 
 
 def _run(args, timeout=300, **kw):
-    out = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
-
-
-def _eval_line(stdout):
-    last = stdout.strip().splitlines()[-1]
-    assert last.startswith("eval: "), last
-    return {k: float(v) for k, v in (kv.split("=") for kv in last[len("eval: "):].split())}
+    return run_script(SCRIPT, args, timeout, **kw)
 
 
 def _pretrain_globals():
@@ -145,12 +136,7 @@ RESUME_ARGS = ["--max_steps=8", "--batch_size=16", "--micro_batch_size=8", "--im
 
 
 def _train_lines(run_dir):
-    lines = {}
-    for line in open(os.path.join(run_dir, "metrics.jsonl")):
-        rec = json.loads(line)
-        if rec["kind"] == "train":  # a resumed run repeats the steps after its checkpoint: the last one counts
-            lines[rec["step"]] = {k: rec[k] for k in ("loss", "mlm_loss", "itm_loss", "grad_norm", "lr")}
-    return lines
+    return train_lines(run_dir, ("loss", "mlm_loss", "itm_loss", "grad_norm", "lr"))
 
 
 def _final_state(run_dir):
@@ -169,7 +155,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
     assert _train_lines(cut) == _train_lines(full)
     assert_same_final_weights(full, cut)
-    assert _eval_line(stdout) == _eval_line(full_stdout)
+    assert eval_line(stdout) == eval_line(full_stdout)
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +169,7 @@ def test_torchrun_two_processes(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 process(es) x 1 micro-steps x 16 = batch 32" in out.stdout
-    evals = _eval_line(out.stdout)
+    evals = eval_line(out.stdout)
     assert {"mlm_acc", "itm_acc", "itm_r1_i2t", "itm_r1_t2i"} <= set(evals)
     assert sorted(_train_lines(run)) == [1, 2, 3, 4]
     assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(run, "final")))
@@ -192,7 +178,7 @@ def test_torchrun_two_processes(tmp_path):
     stdout = _run(["--max_steps=1", "--image_size=32", "--eval_batches=1", "--retrieval_size=4",
                    f"--init_from={run}/final", f"--out_dir={tmp_path / 'again'}"])
     assert f"{run}/final" in stdout and "loaded" in stdout
-    _eval_line(stdout)
+    eval_line(stdout)
 
 
 def test_bench_mode():
@@ -211,7 +197,7 @@ LEARN_STEPS = 300
 def test_default_run_learns(tmp_path):
     run = str(tmp_path / "demo")
     stdout = _run([f"--max_steps={LEARN_STEPS}", "--eval_interval=0", "--ckpt_interval=0", f"--out_dir={run}"], timeout=900)
-    evals = _eval_line(stdout)
+    evals = eval_line(stdout)
     # chance: ITM 0.5 (half the pairs are negatives), recall@1 1/16, MLM 1/383 (the vocabulary). Without the image
     # MLM still gets ~0.6 from the caption grammar (measured while ITM was at chance); above that it uses the image.
     # Measured here: itm_acc 0.85, mlm_acc 0.73, recall@1 0.38 + 0.31.

@@ -3,13 +3,12 @@ Expected metric values are worked out by hand in the comments, never by calling 
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 import finetune_vqa as fv
-from conftest import assert_same_final_weights, kill_after_first_checkpoint
+from conftest import assert_same_final_weights, eval_line, kill_after_first_checkpoint, run_script, train_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -224,23 +223,15 @@ LEARN = ["--init_from=", "--image_size=32", "--synthetic_images=200", "--batch_s
          "--num_workers=0", "--dropout=0.1"]
 
 
-def run_script(args, timeout=300):
-    out = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
-
-
-def eval_line(stdout):
-    last = stdout.strip().splitlines()[-1]
-    assert last.startswith("eval: "), last
-    return {k: float(v) for k, v in (kv.split("=") for kv in last[len("eval: "):].split())}
+def run_vqa(args, timeout=300):
+    return run_script(SCRIPT, args, timeout)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("vqa")
     synthetic, run = str(base / "synthetic"), str(base / "run")
-    stdout = run_script(LEARN + [f"--synthetic_dir={synthetic}", f"--out_dir={run}"])
+    stdout = run_vqa(LEARN + [f"--synthetic_dir={synthetic}", f"--out_dir={run}"])
     return {"synthetic": synthetic, "run": run, "stdout": stdout}
 
 
@@ -277,7 +268,7 @@ def test_run_outputs(tiny_run):
 def test_predict_on_saved_checkpoint(tiny_run):
     run, synthetic = tiny_run["run"], tiny_run["synthetic"]
     image = os.path.join(synthetic, "val2014", os.listdir(os.path.join(synthetic, "val2014"))[0])
-    stdout = run_script(["--predict", f"--image={image}", "--question=what color is the circle?",
+    stdout = run_vqa(["--predict", f"--image={image}", "--question=what color is the circle?",
                          f"--checkpoint={run}/final"], timeout=120)
     lines = stdout.strip().splitlines()[-5:]
     answers = json.load(open(os.path.join(run, "final", "answers.json")))
@@ -297,26 +288,21 @@ def test_predict_on_saved_checkpoint(tiny_run):
 # -----------------------------------------------------------------------------
 # kill and resume
 
-def train_lines(run_dir):
-    lines = {}
-    for line in open(os.path.join(run_dir, "metrics.jsonl")):
-        rec = json.loads(line)
-        if rec["kind"] == "train":  # a resumed run repeats the steps after its checkpoint: the last one counts
-            lines[rec["step"]] = {k: rec[k] for k in ("loss", "vqa_score", "grad_norm", "lr")}
-    return lines
+def vqa_train_lines(run_dir):
+    return train_lines(run_dir, ("loss", "vqa_score", "grad_norm", "lr"))
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
     args = TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=8", "--test_split="]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    full_stdout = run_script(args + [f"--out_dir={full}"])
+    full_stdout = run_vqa(args + [f"--out_dir={full}"])
 
     killed_at = kill_after_first_checkpoint([sys.executable, SCRIPT, *args, f"--out_dir={cut}"], cut, ROOT)
     assert killed_at < 8
 
-    stdout = run_script(args + [f"--out_dir={cut}", "--resume"])
+    stdout = run_vqa(args + [f"--out_dir={cut}", "--resume"])
     assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
-    assert train_lines(cut) == train_lines(full) and len(train_lines(full)) == 8
+    assert vqa_train_lines(cut) == vqa_train_lines(full) and len(vqa_train_lines(full)) == 8
     assert_same_final_weights(full, cut)
     drop_time = lambda line: {k: v for k, v in line.items() if k != "time_s"}
     assert drop_time(eval_line(stdout)) == drop_time(eval_line(full_stdout))
@@ -371,7 +357,7 @@ def test_base_config_is_the_paper_recipe():
 def test_finetune_from_a_checkpoint_at_a_new_image_size(tmp_path, tiny_run):
     # the fine-tuned tiny model (32 px, with a VQA head of the same vocabulary) as the starting checkpoint at 48 px:
     # the position table is interpolated, the head and the tokenizer come from the checkpoint
-    stdout = run_script(TINY + [f"--synthetic_dir={tiny_run['synthetic']}", f"--init_from={tiny_run['run']}/final",
+    stdout = run_vqa(TINY + [f"--synthetic_dir={tiny_run['synthetic']}", f"--init_from={tiny_run['run']}/final",
                                 "--image_size=48", "--max_steps=2", "--test_split=", f"--out_dir={tmp_path}"])
     assert f"from {tiny_run['run']}/final at 48px" in stdout
     assert json.load(open(tmp_path / "final" / "config.json"))["vision_config"]["image_size"] == 48
