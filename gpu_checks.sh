@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of this project, in one run of at most 9 min 40 s (the step limits)
+# on one GPU.
+#
+#   bash gpu_checks.sh              # logs in gpu_logs/ (or in $OUT when that is set)
+#
+# 1. the kernel benchmark (bridge_kernels.py, bf16): fused add+LayerNorm vs eager vs torch.compile,
+#    masked attention vs SDPA, forward and forward+backward          -> kernels.txt
+# 2. base pre-training steps (bf16, 288 px, micro-batch 32): Triton kernels, then PyTorch's, samples/s and MFU
+#                                                                      -> pretrain_triton.txt, pretrain_torch.txt
+# 3. the kernel test suite compiled on CUDA (test_on_gpu), last: its compile time is the least known
+#                                                                      -> gpu_tests.txt
+# Each step has its own time limit, so that one that hangs or fails leaves the others their time; the script
+# exits non-zero if any step failed. Copy the tables into README.md (Benchmarks), with the GPU and the date.
+set -u
+cd "$(dirname "$0")"
+log_dir=${OUT:-gpu_logs}
+mkdir -p "$log_dir"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to NAME.txt and to the terminal
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $* (limit ${limit}s)" | tee "$log_dir/$name.txt"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$log_dir/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log_dir/$name.txt"
+    [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$log_dir/machine.txt"
+
+step kernels 200 python3 bridge_kernels.py --dtype bf16 --batch 32
+pretrain=(python3 pretrain.py config/pretrain_base.py --bench --bench_steps=6 --micro_batch_size=32 --batch_size=32)
+BRIDGETOWER_KERNELS=triton step pretrain_triton 120 "${pretrain[@]}"  # the first step autotunes the kernels
+BRIDGETOWER_KERNELS=torch step pretrain_torch 80 "${pretrain[@]}"
+step gpu_tests 160 python3 -m pytest tests/test_kernels.py -m gpu -q -rs
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi
+echo "all GPU checks passed; logs in $log_dir"
