@@ -47,9 +47,48 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_model_with_triton_kernels():
+# GPU training's setting: bf16 autocast, so the kernels get bf16 activations beside fp32 residuals and parameters
+AUTOCAST_SCRIPT = textwrap.dedent("""
+    import torch
+    from model import BridgeTower, BridgeTowerConfig
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+    def build(kernels):
+        config = BridgeTowerConfig.preset("tiny", vocab_size=120, link_tower_type="interpolate", heads=("mlm", "itm"),
+                                          hidden_dropout=0.0, attention_dropout=0.0, kernels=kernels)
+        return BridgeTower(config)
+
+    ref, tri = build("torch"), build("triton")
+    tri.load_state_dict(ref.state_dict())
+    ids = torch.randint(5, 120, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    pixels = torch.randn(2, 3, 64, 64)
+    outs = []
+    for model in (ref, tri):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask, pixel_values=pixels)
+        (out.itm_logits.float().sum() + out.mlm_logits.float().logsumexp(-1).sum()).backward()
+        outs.append(out)
+    for name in ("itm_logits", "mlm_logits", "text_features", "image_features", "pooler_output"):
+        a, b = (getattr(o, name).float() for o in outs)
+        err = ((a - b).abs().max() / a.abs().max()).item()
+        assert err < 2e-2, f"{name}: relative error {err:.2e} under bf16 autocast"
+    for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
+        assert q.grad is not None and torch.isfinite(q.grad).all(), name
+        if name.endswith("key.bias"):
+            continue  # no gradient in exact arithmetic (softmax ignores a per-row constant): bf16 noise on both sides
+        err = ((q.grad - p.grad).norm() / p.grad.norm()).item()
+        assert err < 0.05, f"{name}: gradient relative error {err:.2e} under bf16 autocast"
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("script", [SCRIPT, AUTOCAST_SCRIPT], ids=["fp32", "bf16_autocast"])
+def test_model_with_triton_kernels(script):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", BRIDGETOWER_KERNELS="", PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
