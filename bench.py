@@ -110,9 +110,10 @@ def compare(name, fns):
 
 
 def gemm_bound(config, wall, forward):
-    """How fast can any implementation of these FLOPs be here? Count the forward's FLOPs (matrix products, attention) and time
-    the machine's GEMM on the model's largest shape (vision MLP: batch x image tokens rows, width -> 4 x width):
-    FLOPs / that rate is a floor on the forward time, and transformers' time over it a ceiling on any speed-up."""
+    """How fast can any implementation of these FLOPs be here? Count the forward's FLOPs (matrix products,
+    attention) and time the machine's GEMM on the model's largest shape (vision MLP: batch x image tokens rows,
+    width -> 4 x width): FLOPs / that rate is a floor on the forward time, and transformers' time over it a
+    ceiling on any speed-up."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
         forward()
