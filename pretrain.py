@@ -279,7 +279,7 @@ def main():
         tu.set_lr(optimizer, lr, factor)
         skipped_local = 0
         metrics = tu.train_step(model, micro_batches(), loss_fn, optimizer, grad_clip, dist, accum_steps=accum)
-        skipped += round(tu.all_reduce_mean(torch.tensor([float(skipped_local)]), dist).item() * dist.world_size)
+        skipped += tu.sum_over_ranks(skipped_local, dist)
         step += 1
         dt = time.time() - t0
         dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt

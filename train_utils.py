@@ -130,12 +130,20 @@ def unwrap(model):
 
 
 def all_reduce_mean(values, dist):
-    """Mean over ranks of a 1-D float tensor (gloo has no AVG, so SUM then divide)."""
+    """Mean over ranks of a 1-D float tensor (gloo has no AVG, so SUM then divide). The result is on dist.device:
+    NCCL reduces only CUDA tensors, so a CPU tensor is moved there first."""
     if dist is not None and dist.world_size > 1:
-        values = values.clone()
+        values = values.to(dist.device, copy=True)
         torch_dist.all_reduce(values)
         values /= dist.world_size
     return values
+
+
+def sum_over_ranks(count, dist):
+    """An integer count (skipped samples) summed over ranks."""
+    if dist is None or dist.world_size == 1:
+        return count
+    return round(all_reduce_mean(torch.tensor([float(count)]), dist).item() * dist.world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -234,7 +242,8 @@ def load_latest_checkpoint(run_dir, map_location="cpu"):
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the current GPU's only (setup_distributed sets it): the one this rank's dropout draws on
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -243,7 +252,7 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def gather_rng_states(dist):

@@ -216,6 +216,27 @@ def test_train_step_ddp_matches_single_process(tmp_path):
     assert ddp["out"]["acc"] == pytest.approx(out["acc"], abs=1e-6)
 
 
+def test_reductions_run_on_the_process_device(monkeypatch):
+    # NCCL reduces only CUDA tensors, so a count made on the CPU must go to dist.device first (gloo, which the
+    # other tests use, takes either). "meta" stands in for "cuda" here; the fake all_reduce plays two ranks
+    # that hold the same values.
+    seen = []
+
+    def all_reduce(t):
+        seen.append(t.device)
+        t.mul_(2)
+
+    monkeypatch.setattr(tu.torch_dist, "all_reduce", all_reduce)
+    out = tu.all_reduce_mean(torch.tensor([1.0, 3.0]), tu.Dist(0, 0, 2, torch.device("meta")))
+    assert seen == [torch.device("meta")] and out.device == torch.device("meta")
+    two_ranks = tu.Dist(0, 0, 2, torch.device("cpu"))
+    values = torch.tensor([1.0, 3.0])
+    assert tu.all_reduce_mean(values, two_ranks).tolist() == [1.0, 3.0]
+    assert values.tolist() == [1.0, 3.0]  # the caller's tensor is not reduced in place
+    assert tu.sum_over_ranks(3, two_ranks) == 6
+    assert tu.sum_over_ranks(3, tu.Dist()) == 3
+
+
 # -----------------------------------------------------------------------------
 # FLOPs: the formula against torch's FLOP counter on a real forward + backward
 
