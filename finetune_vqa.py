@@ -17,10 +17,12 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict
+from typing import NamedTuple
 
 import torch
 import torch.distributed as torch_dist
@@ -378,20 +380,35 @@ def _write_json(path, obj):
 # Batches. A sample is (question, image, soft targets); its augmentation is drawn from a seed made of
 # (run seed, epoch, index), so the batches do not depend on the number of loader workers or on a resume.
 
+class Unreadable(NamedTuple):
+    """What VQADataset returns in place of a sample whose image cannot be read."""
+    question_id: int
+    error: str
+
+
 class VQADataset(torch.utils.data.Dataset):
     """Indexed by (item index, augmentation seed) pairs, which the batch schedule below produces."""
 
     def __init__(self, items, transform, num_answers):
         self.items, self.transform, self.num_answers = items, transform, num_answers
+        # A wrong image root would otherwise show up mid-run, as every sample being skipped.
+        probe = [item["image"] for item in items[:20]]
+        if probe and not any(os.path.isfile(p) for p in probe):
+            raise FileNotFoundError(f"none of the first {len(probe)} images exist, e.g. {probe[0]} "
+                                    "(set --image_root, the folder that holds train2014/ val2014/ test2015/)")
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, key):
+        """(pixels, question, target, question_id), or an Unreadable when the image cannot be decoded."""
         i, aug_seed = key
         item = self.items[i]
-        with Image.open(item["image"]) as img:
-            pixels = self.transform(img, random.Random(aug_seed))
+        try:
+            with Image.open(item["image"]) as img:
+                pixels = self.transform(img, random.Random(aug_seed))
+        except Exception as e:  # missing or corrupt file, any decoder error: counted by Collate, never fatal
+            return Unreadable(item["question_id"], f"{item['image']}: {type(e).__name__}: {e}")
         target = torch.zeros(self.num_answers)
         target[item.get("labels", [])] = torch.tensor(item.get("scores", []), dtype=torch.float32)
         return pixels, item["question"], target, item["question_id"]
@@ -399,17 +416,29 @@ class VQADataset(torch.utils.data.Dataset):
 
 class Collate:
     """Stack images and targets, tokenize the questions (padded to the longest). A class, not a closure, so that
-    loader worker processes can pickle it."""
+    loader worker processes can pickle it.
+
+    A sample whose image could not be read is dropped, and its slot repeats a readable sample of the same batch
+    (in turn), as pretraining's loader does: the batch keeps its size, so the schedule and a resumed run stay
+    as they are. "skipped_ids" lists the question ids of the dropped samples."""
 
     def __init__(self, tokenizer, max_len):
         self.tokenizer, self.max_len = tokenizer, max_len
 
     def __call__(self, samples):
-        pixels, questions, targets, qids = zip(*samples)
+        bad = [s for s in samples if isinstance(s, Unreadable)]
+        good = [s for s in samples if not isinstance(s, Unreadable)]
+        for s in bad:
+            print(f"skipped an unreadable image: {s.error}", file=sys.stderr, flush=True)
+        if not good:
+            raise RuntimeError(f"every image of a batch of {len(samples)} is unreadable (check --image_root), "
+                               f"e.g. {bad[0].error}")
+        pixels, questions, targets, qids = zip(*good, *(good[i % len(good)] for i in range(len(bad))))
         text = self.tokenizer(list(questions), max_length=self.max_len, padding="longest")
         return {"pixel_values": torch.stack(pixels), "input_ids": text["input_ids"],
                 "attention_mask": text["attention_mask"], "targets": torch.stack(targets),
-                "question_ids": torch.tensor(qids)}
+                "question_ids": torch.tensor(qids), "skipped_ids": torch.tensor([s.question_id for s in bad],
+                                                                                 dtype=torch.long)}
 
 
 def micro_batch_schedule(n_items, start_step, accum, dist):
@@ -556,25 +585,34 @@ def vqa_loss(model, batch, device, autocast=nullcontext()):
 # Prediction and evaluation
 
 @torch.no_grad()
-def predict_answers(model, questions, answers, tokenizer, dist, autocast=nullcontext()):
-    """{question_id: answer} for every question: each rank answers its share, all ranks get the union."""
+def predict_answers(model, questions, answers, tokenizer, dist, fallback, autocast=nullcontext()):
+    """{question_id: answer} for every question: each rank answers its share, all ranks get the union. A question
+    whose image cannot be read gets the answer `fallback` (the callers give the training majority answer), so
+    that a submission still covers every question; how many did is printed."""
     batch = 2 * micro_batch_size  # no activations kept for backward
     model.eval()
     mine = questions[dist.rank::dist.world_size]
     dataset = VQADataset(mine, eval_transform(image_size), len(answers))
     loader = make_loader(dataset, [[(i, "") for i in range(s, min(s + batch, len(mine)))]
                                    for s in range(0, len(mine), batch)], tokenizer)
-    predictions = {}
+    predictions, unreadable = {}, []
     for b in loader:
         with autocast:
             logits = model(b["input_ids"].to(dist.device), attention_mask=b["attention_mask"].to(dist.device),
                            pixel_values=b["pixel_values"].to(dist.device), heads=("vqa",)).vqa_logits
+        # the slots of unreadable samples repeat readable ones, question ids included
         for qid, k in zip(b["question_ids"].tolist(), logits.argmax(1).tolist()):
             predictions[qid] = answers[k]
+        unreadable += b["skipped_ids"].tolist()
+    predictions.update((qid, fallback) for qid in unreadable)
     if dist.world_size > 1:
         shards = [None] * dist.world_size
-        torch_dist.all_gather_object(shards, predictions)
-        predictions = {k: v for shard in shards for k, v in shard.items()}
+        torch_dist.all_gather_object(shards, (predictions, unreadable))
+        predictions = {k: v for shard, _ in shards for k, v in shard.items()}
+        unreadable = [qid for _, shard in shards for qid in shard]
+    if unreadable and dist.is_master:
+        print(f"predict: {len(unreadable)} of {len(questions)} questions have an unreadable image; "
+              f"they were answered {fallback!r}")
     model.train()
     return predictions
 
@@ -623,7 +661,7 @@ def run_predict():
 
 def evaluate(model, eval_questions, eval_annotations, answers, tokenizer, dist, autocast, majority):
     """Official accuracy on the evaluation questions, and that of always answering the training majority answer."""
-    predictions = predict_answers(model, eval_questions, answers, tokenizer, dist, autocast)
+    predictions = predict_answers(model, eval_questions, answers, tokenizer, dist, majority, autocast)
     result = vqa_accuracy(predictions, eval_annotations)
     baseline = vqa_accuracy({a["question_id"]: majority for a in eval_annotations}, eval_annotations)
     return predictions, result, baseline["overall"]
@@ -680,10 +718,10 @@ def main():
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_items)} training questions do not fill one batch of {batch_size}")
     total_steps = max_steps or epochs * steps_per_epoch
-    step = 0
+    step, skipped = 0, 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+        step, skipped = ckpt["step"], ckpt.get("skipped", 0)
         tu.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_master:
             print(f"resumed from {out_dir}/{tu.CKPT_NAME} at step {step}")
@@ -719,7 +757,7 @@ def main():
     def checkpoint_now():
         state = {"model": raw_model.state_dict(), "model_config": asdict(cfg), "optimizer": optimizer.state_dict(),
                  "step": step, "data_position": step * accum, "accum": accum, "world_size": dist.world_size,
-                 "answers": answers, "config": config, "rng": tu.gather_rng_states(dist)}
+                 "skipped": skipped, "answers": answers, "config": config, "rng": tu.gather_rng_states(dist)}
         if dist.is_master:
             tu.save_checkpoint(out_dir, state)
 
@@ -729,6 +767,13 @@ def main():
         logger.log(step, kind="eval", vqa_acc=result["overall"] / 100,
                    **{f"{t.replace('/', '')}_acc": v / 100 for t, v in result["perAnswerType"].items()})
         tu.set_rng_state(state)
+
+    def micro_batches():
+        nonlocal skipped_local
+        for _ in range(accum):
+            batch = next(loader)
+            skipped_local += len(batch.pop("skipped_ids"))
+            yield batch
 
     dt_avg, t_train = None, time.time()
     while step < total_steps:
@@ -740,15 +785,16 @@ def main():
         t0 = time.time()
         factor = tu.lr_factor(step, total_steps, warmup_steps)
         tu.set_lr(optimizer, lr, factor)
-        metrics = tu.train_step(model, (next(loader) for _ in range(accum)), loss_fn, optimizer, grad_clip, dist,
-                                accum_steps=accum)
+        skipped_local = 0
+        metrics = tu.train_step(model, micro_batches(), loss_fn, optimizer, grad_clip, dist, accum_steps=accum)
+        skipped += tu.sum_over_ranks(skipped_local, dist)
         step += 1
         dt = time.time() - t0
         dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
         metrics.update(lr=lr * factor, ms=dt * 1e3, samples_s=batch_size / dt)
         if peak:
             metrics["mfu"] = step_flops / dt / (peak * dist.world_size)
-        metrics.update(epoch=step / steps_per_epoch, eta=tu.format_eta((total_steps - step) * dt_avg))
+        metrics.update(epoch=step / steps_per_epoch, eta=tu.format_eta((total_steps - step) * dt_avg), skipped=skipped)
         logger.log(step, echo=step % log_interval == 0 or step == total_steps, **metrics)
     train_time = time.time() - t_train
     if step > start_step:
@@ -762,7 +808,7 @@ def main():
         print(f"saved {final_dir} | {step} steps, training {train_time:.0f}s")
     if test_split:
         test_questions = load_questions(root, test_split, images)
-        predictions = predict_answers(raw_model, test_questions, answers, tokenizer, dist, autocast)
+        predictions = predict_answers(raw_model, test_questions, answers, tokenizer, dist, majority, autocast)
         if dist.is_master:
             path = os.path.join(out_dir, f"results_{test_split}.json")
             _write_json(path, results_json(predictions))

@@ -3,9 +3,11 @@ Expected metric values are worked out by hand in the comments, never by calling 
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
+import torch
 
 import finetune_vqa as fv
 from conftest import assert_same_final_weights, eval_line, kill_after_first_checkpoint, run_script, train_lines
@@ -283,6 +285,78 @@ def test_predict_on_saved_checkpoint(tiny_run):
     top = fv.predict_top(model, tokenizer, vocab, image, "what color is the circle?")
     assert [a for a, _ in top] == [line.split(None, 1)[1] for line in lines]
     assert [round(p, 3) for _, p in top] == scores
+
+
+# -----------------------------------------------------------------------------
+# unreadable images: skipped and counted, never fatal
+
+def spoil(path, how):
+    """Make an image unreadable: garbage bytes, a JPEG cut short, or no file."""
+    if how == "missing":
+        os.remove(path)
+        return
+    data = open(path, "rb").read()
+    open(path, "wb").write(b"not an image" if how == "garbage" else data[:len(data) // 3])
+
+
+def test_collate_replaces_unreadable_samples(tiny_run, tmp_path):
+    from data import Tokenizer, eval_transform
+    root = str(tmp_path / "vqa")
+    shutil.copytree(tiny_run["synthetic"], root)
+    questions = fv.load_questions(root, "val2014")[::fv.QUESTIONS_PER_IMAGE][:5]  # 5 questions, 5 images
+    for q, how in zip(questions[1:4], ("garbage", "truncated", "missing")):
+        spoil(q["image"], how)
+    dataset = fv.VQADataset(questions, eval_transform(32), 7)
+    collate = fv.Collate(Tokenizer.from_dir(os.path.join(tiny_run["run"], "final")), 40)
+    batch = collate([dataset[(i, "")] for i in range(5)])
+    ids = [q["question_id"] for q in questions]
+    assert batch["skipped_ids"].tolist() == ids[1:4]
+    # the batch keeps its size: the 3 bad slots repeat the good samples in turn
+    assert batch["question_ids"].tolist() == [ids[0], ids[4], ids[0], ids[4], ids[0]]
+    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == batch["targets"].shape[0] == 5
+    assert torch.equal(batch["pixel_values"][2], batch["pixel_values"][0])
+    with pytest.raises(RuntimeError, match="every image of a batch of 3 is unreadable.*" + str(questions[1]["image_id"])):
+        collate([dataset[(i, "")] for i in (1, 2, 3)])
+    # a wrong image root fails at once, naming a path
+    moved = [dict(q, image=q["image"].replace(root, str(tmp_path / "nowhere"))) for q in questions]
+    with pytest.raises(FileNotFoundError, match="none of the first 5 images exist.*nowhere"):
+        fv.VQADataset(moved, eval_transform(32), 7)
+
+
+def test_unreadable_images_do_not_stop_a_run(tiny_run, tmp_path, monkeypatch):
+    from train_utils import Dist
+    root, run = str(tmp_path / "vqa"), str(tmp_path / "run")
+    shutil.copytree(tiny_run["synthetic"], root)
+    bad = set()
+    for split, step in (("train2014", 7), ("val2014", 1000), ("test2015", 1000)):
+        images = list(dict.fromkeys(q["image"] for q in fv.load_questions(root, split)))
+        for k, path in enumerate(images[3::step]):
+            spoil(path, ("garbage", "truncated", "missing")[k % 3])
+            bad.add(path)
+    stdout = run_vqa(TINY + [f"--data_dir={root}", f"--out_dir={run}"])
+
+    # the count is every scheduled training sample whose image was spoiled (6 steps of 2 micro-batches of 8)
+    vocab = fv.build_answer_vocab(fv.load_annotations(root, "train2014") + fv.load_annotations(root, "val2014"),
+                                  fv.min_answer_count)
+    items, _, _ = fv.load_training_set(root, root, {a: i for i, a in enumerate(vocab)}, {})
+    monkeypatch.setattr(fv, "batch_size", 16)
+    monkeypatch.setattr(fv, "micro_batch_size", 8)
+    schedule = fv.micro_batch_schedule(len(items), 0, 2, Dist())
+    expected = sum(items[i]["image"] in bad for _ in range(6 * 2) for i, _ in next(schedule))
+    assert expected > 0
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["skipped"] for r in records if r["kind"] == "train"][-1] == expected
+
+    # evaluation and submission still answer every question; those with a spoiled image get the majority answer
+    majority = json.load(open(os.path.join(run, "eval_val2014.json")))["majority_answer"]
+    for split in ("val2014", "test2015"):
+        questions = fv.load_questions(root, split)
+        spoiled = {q["question_id"] for q in questions if q["image"] in bad}
+        assert len(spoiled) == fv.QUESTIONS_PER_IMAGE
+        assert f"predict: {len(spoiled)} of {len(questions)} questions have an unreadable image" in stdout
+        results = {r["question_id"]: r["answer"] for r in json.load(open(os.path.join(run, f"results_{split}.json")))}
+        assert sorted(results) == sorted(q["question_id"] for q in questions)
+        assert all(results[qid] == majority for qid in spoiled)
 
 
 # -----------------------------------------------------------------------------
