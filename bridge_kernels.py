@@ -700,14 +700,16 @@ BACKENDS = ("auto", "triton", "torch")
 
 def backend(x, requested="auto"):
     """'triton' or 'torch' for a tensor on x's device. BRIDGETOWER_KERNELS (auto|triton|torch), if
-    set, wins over `requested`. auto: triton on CUDA when triton imports, torch elsewhere."""
+    set, wins over `requested`. auto: triton on CUDA when triton imports, torch elsewhere, and torch
+    while torch.compile traces: inductor fuses add + LayerNorm itself, and these kernels are not
+    registered custom ops (Dynamo would meet the dropout seed, a host value, at every attention)."""
     choice = os.environ.get("BRIDGETOWER_KERNELS", "").strip().lower() or requested
     if choice not in BACKENDS:
         raise ValueError(f"kernels must be one of {BACKENDS} (BRIDGETOWER_KERNELS or config), got {choice!r}")
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return "triton" if HAS_TRITON and x.is_cuda else "torch"
+        return "triton" if HAS_TRITON and x.is_cuda and not torch.compiler.is_compiling() else "torch"
     if not HAS_TRITON:
         raise RuntimeError("kernels='triton' but triton is not installed (pip install triton, or use 'torch')")
     if x.is_cuda or INTERPRET:

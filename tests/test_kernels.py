@@ -12,6 +12,7 @@ that in a subprocess when a GPU is present).
 import os
 import subprocess
 import sys
+import types
 
 DEVICE = os.environ.get("BRIDGETOWER_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -327,6 +328,14 @@ def test_backend_choice(monkeypatch):
             bk.backend(x, "torch")
         monkeypatch.setattr(bk, "INTERPRET", True)
         assert bk.backend(x, "torch") == "triton"
+    # auto on a CUDA tensor: Triton, except while torch.compile traces; forcing Triton still works there
+    monkeypatch.delenv("BRIDGETOWER_KERNELS")
+    cuda_tensor = types.SimpleNamespace(is_cuda=True)
+    assert bk.backend(cuda_tensor) == ("triton" if bk.HAS_TRITON else "torch")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert bk.backend(cuda_tensor) == "torch"
+    if bk.HAS_TRITON:
+        assert bk.backend(cuda_tensor, "triton") == "triton"
 
 
 @needs_triton
