@@ -424,12 +424,15 @@ class Collate:
 
     def __init__(self, tokenizer, max_len):
         self.tokenizer, self.max_len = tokenizer, max_len
+        self.reported = set()  # each bad file is named once per process, not once per question and epoch
 
     def __call__(self, samples):
         bad = [s for s in samples if isinstance(s, Unreadable)]
         good = [s for s in samples if not isinstance(s, Unreadable)]
         for s in bad:
-            print(f"skipped an unreadable image: {s.error}", file=sys.stderr, flush=True)
+            if s.error not in self.reported:
+                self.reported.add(s.error)
+                print(f"skipped an unreadable image: {s.error}", file=sys.stderr, flush=True)
         if not good:
             raise RuntimeError(f"every image of a batch of {len(samples)} is unreadable (check --image_root), "
                                f"e.g. {bad[0].error}")

@@ -299,7 +299,7 @@ def spoil(path, how):
     open(path, "wb").write(b"not an image" if how == "garbage" else data[:len(data) // 3])
 
 
-def test_collate_replaces_unreadable_samples(tiny_run, tmp_path):
+def test_collate_replaces_unreadable_samples(tiny_run, tmp_path, capsys):
     from data import Tokenizer, eval_transform
     root = str(tmp_path / "vqa")
     shutil.copytree(tiny_run["synthetic"], root)
@@ -315,6 +315,10 @@ def test_collate_replaces_unreadable_samples(tiny_run, tmp_path):
     assert batch["question_ids"].tolist() == [ids[0], ids[4], ids[0], ids[4], ids[0]]
     assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == batch["targets"].shape[0] == 5
     assert torch.equal(batch["pixel_values"][2], batch["pixel_values"][0])
+    collate([dataset[(i, "")] for i in range(3)])  # each bad file is named once, however often it comes back
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 3 and all(line.startswith("skipped an unreadable image: ") for line in warnings)
+    assert [sum(questions[i]["image"] in line for line in warnings) for i in (1, 2, 3)] == [1, 1, 1]
     with pytest.raises(RuntimeError, match="every image of a batch of 3 is unreadable.*" + str(questions[1]["image_id"])):
         collate([dataset[(i, "")] for i in (1, 2, 3)])
     # a wrong image root fails at once, naming a path
