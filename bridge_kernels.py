@@ -820,11 +820,16 @@ def _ms(fn, grad_to_none=None):
     return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
 
 
+def _geomean(xs):
+    return float(torch.tensor(xs, dtype=torch.float64).log().mean().exp())
+
+
 def bench_add_layer_norm(batch, dtype, widths=(768, 1024), lengths=(50, 325, 1297), eps=1e-5, device="cuda"):
     print(f"\nadd + LayerNorm, {dtype}: time in ms, effective GB/s counts the minimum traffic "
           "(forward: read h, c, write y; backward: read dy, h, c, write dx)")
     names = "".join(f"{name + ' ms':>12}{'GB/s':>6}" for name in ("fused", "eager", "compile"))
     print(f"{'rows x width':>14} {'pass':>8} |{names} | fused speed-up vs eager, vs compile")
+    rows = []
     for n in widths:
         for length in lengths:
             m = batch * length
@@ -852,6 +857,9 @@ def bench_add_layer_norm(batch, dtype, widths=(768, 1024), lengths=(50, 325, 129
                     gbs.append(nbytes * m * n * h.element_size() / t * 1e-6)
                 cells = "".join(f"{t:12.3f}{g:6.0f}" for t, g in zip(times, gbs))
                 print(f"{f'{m} x {n}':>14} {name:>8} |{cells} | {times[1] / times[0]:5.2f}x {times[2] / times[0]:5.2f}x")
+                rows.append(dict(rows=m, width=n, passes=name, vs_eager=times[1] / times[0],
+                                 vs_compile=times[2] / times[0]))
+    return rows
 
 
 def bench_attention(batch, dtype, heads=12, head_dim=64,
@@ -861,6 +869,7 @@ def bench_attention(batch, dtype, heads=12, head_dim=64,
           "text keys (Lk=50) 30% padded")
     names = "".join(f"{name + ' ms':>11}{'TFLOP/s':>8}" for name in ("fused", "sdpa"))
     print(f"{'Lq x Lk':>12} {'mask':>5} {'pass':>8} |{names} | fused speed-up vs sdpa")
+    rows = []
     for lq, lk in shapes:
         def make(length):
             # the model's layout: (B, L, H, D) memory seen as (B, H, L, D)
@@ -885,6 +894,31 @@ def bench_attention(batch, dtype, heads=12, head_dim=64,
                     times.append(_ms(lambda: fn().backward(do), grad_to_none=[q, k, v]))
             cells = "".join(f"{t:11.3f}{mult * flops / t * 1e-9:8.1f}" for t in times)
             print(f"{f'{lq} x {lk}':>12} {'yes' if key_mask is not None else 'no':>5} {name:>8} |{cells} | {times[1] / times[0]:5.2f}x")
+            rows.append(dict(lq=lq, lk=lk, masked=key_mask is not None, passes=name, vs_sdpa=times[1] / times[0]))
+    return rows
+
+
+def summarize(ln_rows, attn_rows):
+    """The issue's targets against the measured forward+backward speed-ups (lowest and geometric mean over
+    the shapes); returns {target: met?}. Where a kernel misses, the faster path should be the default."""
+    targets = [
+        ("add+LayerNorm vs eager", [r["vs_eager"] for r in ln_rows if r["passes"] == "fwd+bwd"], 1.5),
+        ("add+LayerNorm vs torch.compile", [r["vs_compile"] for r in ln_rows if r["passes"] == "fwd+bwd"], 1.0),
+        ("masked attention vs SDPA", [r["vs_sdpa"] for r in attn_rows if r["passes"] == "fwd+bwd" and r["masked"]], 1.2),
+        # no target in the issue: without a mask SDPA has its flash kernel, and the faster one should be the default
+        ("unmasked attention vs SDPA", [r["vs_sdpa"] for r in attn_rows if r["passes"] == "fwd+bwd" and not r["masked"]],
+         1.0),
+    ]
+    print("\nforward+backward speed-ups of the fused kernels (target: the geometric mean over the shapes)")
+    verdicts = {}
+    for name, ratios, target in targets:
+        if not ratios:
+            continue
+        mean = _geomean(ratios)
+        verdicts[name] = mean >= target
+        print(f"{name:<32} lowest {min(ratios):5.2f}x  geomean {mean:5.2f}x  target {target:.1f}x  "
+              f"{'met' if verdicts[name] else 'MISSED'}")
+    return verdicts
 
 
 def main(argv):
@@ -922,8 +956,7 @@ def main(argv):
     print(f"# {torch.cuda.get_device_name()}, {datetime.date.today().isoformat()}, "
           f"torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}")
     torch.manual_seed(0)
-    bench_add_layer_norm(args.batch, dtype)
-    bench_attention(args.batch, dtype)
+    summarize(bench_add_layer_norm(args.batch, dtype), bench_attention(args.batch, dtype))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ that in a subprocess when a GPU is present).
 import os
 import subprocess
 import sys
+import time
 import types
 
 DEVICE = os.environ.get("BRIDGETOWER_TEST_DEVICE", "cpu")
@@ -405,6 +406,32 @@ def test_compiles_for_a100_and_h100():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("\n") == 2 * (6 + 4)  # per arch: 3 links x fwd/bwd, delta, fwd, dkdv, dq
+
+
+@needs_triton
+def test_benchmark_code_runs(monkeypatch, capsys):
+    # The GPU benchmark's own code, on tiny shapes under the interpreter with a wall-clock timer (do_bench needs
+    # CUDA), so that a GPU session's few minutes are not lost to a mistake in it. The times mean nothing here.
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU, `python bridge_kernels.py` runs the benchmark itself")
+
+    def ms(fn, grad_to_none=None):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    monkeypatch.setattr(bk, "_ms", ms)
+    ln = bk.bench_add_layer_norm(2, torch.float32, widths=(48,), lengths=(3,), device="cpu")
+    attn = bk.bench_attention(1, torch.float32, heads=2, head_dim=16, shapes=((5, 5), (7, 50)), device="cpu")
+    verdicts = bk.summarize(ln, attn)
+    out = capsys.readouterr().out
+    assert [(r["rows"], r["width"], r["passes"]) for r in ln] == [(6, 48, "fwd"), (6, 48, "fwd+bwd")]
+    assert [(r["lq"], r["lk"], r["masked"], r["passes"]) for r in attn] == [
+        (5, 5, False, "fwd"), (5, 5, False, "fwd+bwd"), (7, 50, True, "fwd"), (7, 50, True, "fwd+bwd")]
+    assert all(r[k] > 0 for r in ln + attn for k in r if k.startswith("vs_"))
+    assert set(verdicts) == {"add+LayerNorm vs eager", "add+LayerNorm vs torch.compile", "masked attention vs SDPA",
+                             "unmasked attention vs SDPA"}
+    assert out.count("  met") + out.count("MISSED") == 4
 
 
 @pytest.mark.gpu
