@@ -307,12 +307,17 @@ def main():
 # benchmark: the training step (both passes, backward, AdamW) on random tensors, no data loading
 
 def random_batch(n, vocab_size, generator):
+    """Random tensors shaped like a training micro-batch. Captions are padded to max_text_len as in training
+    (CC, SBU and COCO captions run about 10-20 of the 50 tokens), so the text attention takes its masked path."""
     ids = torch.randint(3, vocab_size, (n, max_text_len), generator=generator)
+    lengths = torch.randint(max(1, max_text_len // 4), max_text_len + 1, (n,), generator=generator)
+    attention_mask = (torch.arange(max_text_len)[None, :] < lengths[:, None]).long()
+    ids = ids.masked_fill(attention_mask == 0, 1)  # RoBERTa's <pad>
     labels = torch.full_like(ids, -100)
-    masked = torch.rand(ids.shape, generator=generator) < mlm_prob
+    masked = (torch.rand(ids.shape, generator=generator) < mlm_prob) & attention_mask.bool()
     labels[masked] = ids[masked]
     return {"pixel_values": torch.randn(n, 3, image_size, image_size, generator=generator), "input_ids": ids,
-            "attention_mask": torch.ones_like(ids), "mlm_input_ids": ids.masked_fill(masked, 4), "mlm_labels": labels,
+            "attention_mask": attention_mask, "mlm_input_ids": ids.masked_fill(masked, 4), "mlm_labels": labels,
             "itm_image_index": torch.randperm(n, generator=generator), "itm_labels": torch.randint(0, 2, (n,), generator=generator)}
 
 
