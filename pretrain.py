@@ -307,8 +307,9 @@ def main():
 # benchmark: the training step (both passes, backward, AdamW) on random tensors, no data loading
 
 def random_batch(n, vocab_size, generator):
-    """Random tensors shaped like a training micro-batch. Captions are padded to max_text_len as in training
-    (CC, SBU and COCO captions run about 10-20 of the 50 tokens), so the text attention takes its masked path."""
+    """Random tensors shaped like a training micro-batch. Captions are padded to max_text_len as in training, so
+    the text attention takes its masked path; real captions fill about 10-20 of the 50 tokens, these a quarter
+    to all of max_text_len."""
     ids = torch.randint(3, vocab_size, (n, max_text_len), generator=generator)
     lengths = torch.randint(max(1, max_text_len // 4), max_text_len + 1, (n,), generator=generator)
     attention_mask = (torch.arange(max_text_len)[None, :] < lengths[:, None]).long()
