@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of this project, in one run of at most 9 min 40 s (the step limits)
+# Every GPU check and benchmark of this project, in one run of at most 9 min 20 s (the sum of the step limits)
 # on one GPU.
 #
 #   bash gpu_checks.sh              # logs in gpu_logs/ (or in $OUT when that is set)
