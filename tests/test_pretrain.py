@@ -124,7 +124,8 @@ def test_grad_checkpointing_same_gradients(kernels, monkeypatch):
     pretrain.apply_grad_checkpointing(wrapped)
     assert wrapped.state_dict().keys() == plain.state_dict().keys()
     assert any("checkpoint" in type(m).__name__.lower() for m in wrapped.modules())
-    pretrain.image_size, pretrain.max_text_len = 32, 12
+    monkeypatch.setattr(pretrain, "image_size", 32)
+    monkeypatch.setattr(pretrain, "max_text_len", 12)
     batch = pretrain.random_batch(2, 300, torch.Generator().manual_seed(0))  # 2 samples: the interpreter is slow
     for model in (plain, wrapped):
         torch.manual_seed(3)
