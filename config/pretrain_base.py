@@ -17,6 +17,8 @@ data = ("coco:data/coco/dataset_coco.json@data/coco,"
         "wds:data/cc3m/{00000..00331}.tar,"
         "wds:data/sbu/{00000..00099}.tar")
 max_text_len = 50
+mlm_prob = 0.15              # 80% <mask>, 10% random, 10% kept (the demo masks 30%)
+itm_neg_prob = 0.5
 num_workers = 8
 batch_size = 4096            # global; accumulation fills it whatever the number of GPUs
 micro_batch_size = 32        # per GPU and micro-step (raise it if memory allows: fewer micro-steps, same result)

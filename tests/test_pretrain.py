@@ -40,6 +40,7 @@ def test_base_config_is_the_paper_recipe():
     assert (g["model_size"], g["image_size"], g["batch_size"], g["max_steps"], g["lr"]) == ("base", 288, 4096, 100_000, 1e-5)
     assert (g["betas"], g["adam_eps"], g["weight_decay"], g["warmup_ratio"]) == ((0.9, 0.98), 1e-8, 0.01, 0.1)
     assert (g["lr_mult_cross_modal"], g["lr_mult_heads"], g["max_text_len"], g["dtype"]) == (5.0, 5.0, 50, "auto")
+    assert (g["mlm_prob"], g["itm_neg_prob"], g["dropout"], g["grad_clip"]) == (0.15, 0.5, 0.1, 0.0)
     assert g["text_init"] and g["vision_init"]
     assert tu.use_bf16(torch.device("cuda"), g["dtype"]) and not tu.use_bf16(torch.device("cpu"), g["dtype"])
 
