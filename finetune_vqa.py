@@ -467,7 +467,8 @@ def make_loader(dataset, batches, tokenizer):
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which would
     # shift the dropout masks of a resumed run (samples are seeded by micro_batch_schedule, not by this).
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(tokenizer, max_text_len),
-                                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                                       pin_memory=torch.cuda.is_available())
 
 
 # -----------------------------------------------------------------------------
@@ -682,7 +683,7 @@ def main():
     root, images = prepare_data(dist)
 
     # the answer vocabulary: from the annotations, or from the checkpoint when resuming (it must not move)
-    ckpt = tu.load_latest_checkpoint(out_dir) if resume else None
+    ckpt = tu.load_latest_checkpoint(out_dir, dist=dist) if resume else None
     if ckpt is not None:
         answers = ckpt["answers"]
     else:

@@ -207,7 +207,7 @@ def main():
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     tokenizer, tok_dir = load_tokenizer()
-    ckpt = tu.load_latest_checkpoint(out_dir) if resume else None
+    ckpt = tu.load_latest_checkpoint(out_dir, dist=dist) if resume else None
     if ckpt is not None:
         model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])

@@ -104,14 +104,24 @@ def setup_distributed(device="auto"):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return Dist(rank, local_rank, world_size, device, rank == 0)
+
+
+def resolve_device(device, local_rank=0):
+    """--device: "auto" (CUDA when available, else CPU), "cpu", "cuda" (this process's GPU, cuda:LOCAL_RANK) or
+    "cuda:N"."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device={device!r}: {e}") from None
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 def cleanup_distributed():
@@ -175,8 +185,13 @@ def accumulation_steps(batch_size, micro_batch_size, world_size):
     return batch_size // per_step
 
 
+DTYPES = ("auto", "bfloat16", "float32")
+
+
 def use_bf16(device, dtype):
     """dtype "auto": bf16 autocast on CUDA, fp32 elsewhere; "bfloat16" / "float32" force it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype={dtype!r}: expected one of {', '.join(DTYPES)} (fp16 has no loss scaling here)")
     return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
 
 
@@ -231,12 +246,20 @@ def save_checkpoint(run_dir, state):
     return path
 
 
-def load_latest_checkpoint(run_dir, map_location="cpu"):
-    """The last complete checkpoint in run_dir, or None. A leftover .tmp from a killed write is ignored."""
+def load_latest_checkpoint(run_dir, map_location="cpu", dist=None):
+    """The last complete checkpoint in run_dir, or None. A leftover .tmp from a killed write is ignored.
+
+    With dist, every rank must find the same checkpoint (rank 0 writes it, so out_dir must be on a file system
+    that every node sees): a rank that resumed at another step would wait forever in a different collective."""
     path = os.path.join(run_dir, CKPT_NAME)
-    if not os.path.exists(path):
-        return None
-    return torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = torch.load(path, map_location=map_location, weights_only=False) if os.path.exists(path) else None
+    if dist is not None and dist.world_size > 1:
+        steps = [None] * dist.world_size
+        torch_dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"{path}: the ranks found different checkpoints (step per rank, None = no file: "
+                               f"{steps}); out_dir must be a directory that every node shares")
+    return ckpt
 
 
 def rng_state():
@@ -304,8 +327,9 @@ def format_eta(seconds):
 
 # dense bf16 tensor-core peaks in FLOP/s; the first name fragment found in the device name wins
 PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12),
     ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),  # V100: fp16
 ]
 
@@ -315,7 +339,10 @@ def peak_flops(device):
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name):
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
@@ -380,7 +407,6 @@ def train_step(model, micro_batches, loss_fn, optimizer, grad_clip=0.0, dist=Non
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    means = all_reduce_mean(sums / n, dist).tolist()  # one device->host sync per step
-    out = dict(zip(["loss"] + list(metrics), means))
-    out["grad_norm"] = grad_norm.item()
-    return out
+    # the step's metrics and the grad norm (the same on every rank) come back to the host in one transfer
+    means = all_reduce_mean(torch.cat([sums / n, grad_norm.float().view(1)]), dist).tolist()
+    return dict(zip(["loss"] + list(metrics) + ["grad_norm"], means))

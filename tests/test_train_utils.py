@@ -137,8 +137,39 @@ def test_metric_logger(tmp_path, capsys):
     assert [(l["kind"], l["step"]) for l in lines] == [("train", 3), ("eval", 4)] and lines[0]["loss"] == 1.23456
 
 
-def test_peak_flops_cpu():
+def test_peak_flops():
     assert tu.peak_flops("cpu") is None
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
+             "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12,
+             "NVIDIA L4": 121e12, "NVIDIA A10G": 70e12, "NVIDIA GeForce GTX 1080": None}
+    assert {name: tu.peak_flops_of(name) for name in names} == names
+
+
+def test_device_and_dtype_flags():
+    assert tu.resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)  # torchrun: one GPU a process
+    assert tu.resolve_device("cuda:1", local_rank=3) == torch.device("cuda", 1)
+    assert tu.resolve_device("cpu", local_rank=3) == torch.device("cpu")
+    assert tu.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="--device='gpu'"):
+        tu.resolve_device("gpu")
+    assert tu.use_bf16(torch.device("cuda"), "auto") and not tu.use_bf16(torch.device("cpu"), "auto")
+    assert tu.use_bf16(torch.device("cpu"), "bfloat16") and not tu.use_bf16(torch.device("cuda"), "float32")
+    for wrong in ("bf16", "float16", "fp32"):  # not a silent fp32 run
+        with pytest.raises(ValueError, match=f"--dtype='{wrong}'"):
+            tu.use_bf16(torch.device("cuda"), wrong)
+
+
+def test_ranks_must_find_the_same_checkpoint(tmp_path, monkeypatch):
+    # a node that cannot see rank 0's out_dir would start from step 0 and hang in another collective: an error
+    tu.save_checkpoint(tmp_path, {"step": 7})
+    two_ranks = tu.Dist(0, 0, 2, torch.device("cpu"))
+    for other, ok in ((7, True), (None, False), (5, False)):
+        monkeypatch.setattr(tu.torch_dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, other]))
+        if ok:
+            assert tu.load_latest_checkpoint(tmp_path, dist=two_ranks)["step"] == 7
+        else:
+            with pytest.raises(RuntimeError, match=rf"ckpt.pt: .*\[7, {other}\].*every node"):
+                tu.load_latest_checkpoint(tmp_path, dist=two_ranks)
 
 
 # -----------------------------------------------------------------------------
@@ -214,6 +245,7 @@ def test_train_step_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(pa, pb.detach(), rtol=0, atol=1e-6)
     assert ddp["out"]["loss"] == pytest.approx(out["loss"], abs=1e-6)
     assert ddp["out"]["acc"] == pytest.approx(out["acc"], abs=1e-6)
+    assert ddp["out"]["grad_norm"] == pytest.approx(out["grad_norm"], rel=1e-6) and out["grad_norm"] > 0
 
 
 def test_reductions_run_on_the_process_device(monkeypatch):
