@@ -879,14 +879,66 @@ def original_key(key):
     return key  # cross_modal_*, token_type_embeddings and heads keep their names
 
 
+class _Inert:
+    """Stands in for any class or function named in a .ckpt other than what rebuilds tensors: it accepts every
+    argument, state and item, and does nothing, so loading the file runs no code of the file's choosing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):  # dict subclasses (Lightning's AttributeDict)
+        pass
+
+    def append(self, item):  # list subclasses
+        pass
+
+    def extend(self, items):
+        pass
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the globals that torch.load needs for tensors and plain containers; every other one (the
+    training config's objects that a Lightning .ckpt pickles in hyper_parameters) becomes _Inert."""
+    PLAIN = {("collections", "OrderedDict"), ("torch._tensor", "_rebuild_from_type_v2"),
+             ("torch.nn.parameter", "Parameter"), ("torch", "Size"), ("torch", "device"), ("torch", "Tensor")} | {
+        ("builtins", name) for name in ("set", "frozenset", "complex", "slice", "range", "bytearray", "tuple", "list",
+                                        "dict", "int", "float", "bool", "str", "bytes")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.PLAIN or module == "torch._utils" and name.startswith("_rebuild_"):
+            return super().find_class(module, name)
+        if module == "torch":  # storage classes (torch.FloatStorage, ...), dtypes, layouts, memory formats
+            obj = getattr(torch, name, None)
+            if (isinstance(obj, type) and issubclass(obj, (torch.UntypedStorage, torch.storage.TypedStorage))
+                    or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))):
+                return obj
+        return _Inert
+
+
+class _TensorsOnlyPickle:  # the pickle_module torch.load uses for it
+    __name__ = "tensors_only_pickle"
+    Unpickler = _TensorsOnlyUnpickler
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _TensorsOnlyUnpickler(f, **kwargs).load()
+
+
 def read_original_checkpoint(path):
     """(state, config kwargs, source, report lines) of an original microsoft/BridgeTower Lightning .ckpt."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        # Lightning may pickle more than tensors (hyper-parameter containers of the training config)
-        print(f"{path}: not loadable with weights_only=True; unpickling it fully (only do this with files you trust)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # Lightning pickles more than tensors (hyper_parameters: the training config's objects). Only the tensors
+        # are needed: the rest is read as inert placeholders rather than by a full, code-running unpickling.
+        print(f"{path}: holds objects other than tensors; reading it with those replaced by placeholders")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
     raw = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
     state, notes = drop_ignored(raw, IGNORED_ORIGINAL)
     unsupported = sorted({k.split(".")[0] for k in state if k.split(".")[0] in ORIGINAL_ONLY_HEADS})

@@ -3,8 +3,11 @@ model.py against transformers (the parity target) with random weights, loaded th
 transformers' save_pretrained -> our from_pretrained (and back). Tiny configs for breadth, base size once.
 """
 
+import argparse
 import os
+import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -279,6 +282,42 @@ def test_original_checkpoint(tmp_path):
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels)
         out = ours(ids, attention_mask=mask, pixel_values=pixels)
     assert_close(out.mlm_logits, ref.logits, "mlm logits")
+
+
+class _RunsCode:
+    """What a pickled object can do when a file is unpickled fully: call any function, here os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _AttributeDict(dict):  # Lightning's hyper-parameter container is a dict subclass
+    pass
+
+
+def test_original_checkpoint_runs_no_code_from_the_file(tmp_path, capsys):
+    # A Lightning .ckpt pickles the training config's objects next to the tensors, so weights_only=True refuses
+    # it. Reading it must still not run what the pickle names (os.system here): only the tensors are used.
+    torch.manual_seed(6)
+    hf = T.BridgeTowerForMaskedLM(hf_tiny_config()).eval()
+    original = to_original_names({k.removeprefix("bridgetower."): v for k, v in hf.state_dict().items()})
+    marker = tmp_path / "code_ran"
+    hyper = _AttributeDict(config=argparse.Namespace(lr=np.float64(1e-5), sizes=np.arange(3)), hook=_RunsCode(marker))
+    path = tmp_path / "BridgeTower_pt_tiny.ckpt"
+    torch.save({"state_dict": original, "hyper_parameters": hyper}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    ours = BridgeTower.from_pretrained(str(path))
+    assert not marker.exists()
+    assert "holds objects other than tensors" in capsys.readouterr().out
+    loaded = ours.state_dict()
+    assert torch.equal(loaded["cross_modal_text_layers.0.attention.self.query.weight"],
+                       original["cross_modal_text_layers.0.attention.self.query.weight"])
+    assert torch.equal(loaded["text_model.embeddings.word_embeddings.weight"],
+                       original["text_transformer.embeddings.word_embeddings.weight"])
 
 
 # -----------------------------------------------------------------------------
