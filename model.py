@@ -548,7 +548,10 @@ class BridgeTower(nn.Module):
             state, config_kwargs, source, notes = read_original_checkpoint(path)
         found_heads = tuple(h for h in HEADS if any(head_of(k) == h for k in state))
         config_kwargs.update(head_sizes(state), heads=found_heads)
-        config = BridgeTowerConfig(**{**config_kwargs, **config_overrides})
+        try:
+            config = BridgeTowerConfig(**{**config_kwargs, **config_overrides})
+        except ValueError as e:  # what the file's config.json or tensor shapes describe is not a valid model
+            raise CheckpointError(f"{source}: {e}") from None
         model = cls(config)
         notes += model._load_checkpoint(state, source, found_heads)
         print(f"{source}: loaded" + "".join(f"\n  {note}" for note in notes))
@@ -597,14 +600,14 @@ class BridgeTower(nn.Module):
                 notes.append(f"head {head}: in the checkpoint, not requested: dropped")
         fresh = [h for h in self.config.heads if h not in found_heads]
         notes += [f"head {h}: not in the checkpoint: freshly initialised" for h in fresh]
-        state, resized = resize_position_table_in(state, self.config)
+        state, resized = resize_position_table_in(state, self.config, source)
         check_state(self.state_dict(), state, source, may_miss=lambda k: head_of(k) in fresh)
         self.load_state_dict(state, strict=False)  # strictness checked just above, fresh heads aside
         return notes + resized
 
     def _load_part(self, state, prefix, source):
         """Load the parameters under prefix (one encoder), all of them, nothing else."""
-        state, resized = resize_position_table_in(state, self.config)
+        state, resized = resize_position_table_in(state, self.config, source)
         expected = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
         check_state(expected, state, source)
         self.load_state_dict(state, strict=False)  # the other parameters keep their initialisation
@@ -719,12 +722,12 @@ def check_state(expected, state, source, may_miss=lambda k: False):
         raise CheckpointError("\n".join(lines))
 
 
-def resize_position_table(table, grid):
+def resize_position_table(table, grid, source="position table"):
     """(1 + g*g, D) CLIP position table -> (1 + grid*grid, D): bicubic over the patch grid (align_corners=False,
     as the original adapt_position_encoding and HF's interpolate_pos_encoding), class row kept."""
     old = math.isqrt(table.shape[0] - 1)
     if old * old + 1 != table.shape[0]:
-        raise CheckpointError(f"position table of {table.shape[0]} rows is not 1 + a square grid")
+        raise CheckpointError(f"{source}: {POSITION_KEY} has {table.shape[0]} rows, not 1 + a square grid")
     if old == grid:
         return table
     patches = table[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
@@ -733,12 +736,12 @@ def resize_position_table(table, grid):
     return torch.cat([table[:1], patches])
 
 
-def resize_position_table_in(state, config):
+def resize_position_table_in(state, config, source):
     table = state.get(POSITION_KEY)
     if table is None or table.shape[0] == config.image_grid ** 2 + 1:
         return state, []
     old = math.isqrt(table.shape[0] - 1)
-    state = {**state, POSITION_KEY: resize_position_table(table, config.image_grid)}
+    state = {**state, POSITION_KEY: resize_position_table(table, config.image_grid, source)}
     return state, [f"position table resized from a {old}x{old} to a {config.image_grid}x{config.image_grid} patch grid "
                    f"({old * config.patch_size} -> {config.image_size} px, bicubic)"]
 
@@ -945,6 +948,11 @@ def read_original_checkpoint(path):
     if unsupported:
         notes.append(f"heads of the original not implemented here, dropped: {', '.join(unsupported)}")
         state = {k: v for k, v in state.items() if k.split(".")[0] not in ORIGINAL_ONLY_HEADS}
+    types = state.get("token_type_embeddings.weight")
+    if types is not None and types.shape[0] == 3:
+        # NLVR2 fine-tuning adds a row for the second image of a pair; rows 0 (text) and 1 (image) are the model's
+        state["token_type_embeddings.weight"] = types[:2]
+        notes.append("token_type_embeddings: NLVR2's third row (its second image) dropped")
     state, more = drop_ignored({original_key(k): v for k, v in state.items()}, IGNORED_HF)
     return state, config_from_shapes(state, path), path, notes + more
 

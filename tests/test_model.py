@@ -4,6 +4,7 @@ transformers' save_pretrained -> our from_pretrained (and back). Tiny configs fo
 """
 
 import argparse
+import json
 import os
 import pickle
 
@@ -250,7 +251,7 @@ def to_original_names(state):
     return out
 
 
-def test_original_checkpoint(tmp_path):
+def test_original_checkpoint(tmp_path, capsys):
     torch.manual_seed(5)
     hf = T.BridgeTowerForMaskedLM(hf_tiny_config()).eval()
     state = {k.removeprefix("bridgetower."): v for k, v in hf.state_dict().items()}
@@ -263,10 +264,14 @@ def test_original_checkpoint(tmp_path):
         "itm_score.fc.weight": torch.randn(2, 2 * W), "itm_score.fc.bias": torch.zeros(2),
         "nlvr2_classifier.0.weight": torch.randn(4, 4 * W),  # a head we do not implement: dropped, reported
     })
+    # NLVR2 fine-tuning appends a token type for the second image of a pair; rows 0 and 1 keep their meaning
+    original["token_type_embeddings.weight"] = torch.cat([original["token_type_embeddings.weight"], torch.randn(1, W)])
     path = tmp_path / "BridgeTower_pt_tiny.ckpt"
     torch.save({"epoch": 3, "global_step": 1000, "state_dict": original, "hyper_parameters": {"config": {}}}, path)
 
     ours = BridgeTower.from_pretrained(str(path)).eval()
+    report = capsys.readouterr().out
+    assert "dropped: nlvr2_classifier" in report and "NLVR2's third row" in report
     c = ours.config
     assert (c.hidden_size, c.num_heads, c.text_layers, c.vision_layers, c.cross_layers, c.image_size) == (128, 2, 4, 4, 2, 64)
     assert c.cross_layer_norm_eps == 1e-12 and c.heads == ("mlm", "itm")
@@ -468,6 +473,18 @@ def test_errors_name_the_file_and_keys(tmp_path):
     with pytest.raises(CheckpointError, match="not a BridgeTower checkpoint"):
         torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "foo.ckpt")
         BridgeTower.from_pretrained(str(tmp_path / "foo.ckpt"))
+
+    # a config or a tensor that describes no valid model: still an error that names the file
+    config_path = os.path.join(path, "config.json")
+    hf_config = json.load(open(config_path))
+    json.dump({**hf_config, "link_tower_type": "concat"}, open(config_path, "w"))
+    with pytest.raises(CheckpointError, match=f"{weights}: BridgeTowerConfig: link_tower_type 'concat'"):
+        BridgeTower.from_pretrained(path)
+    original = to_original_names({k.removeprefix("bridgetower."): v for k, v in load_file(weights).items()})
+    original["vit_model.visual.positional_embedding"] = torch.zeros(16, 128)
+    torch.save({"state_dict": original}, tmp_path / "bad_positions.ckpt")
+    with pytest.raises(CheckpointError, match=r"bad_positions.ckpt: .*position_embedding.weight has 16 rows"):
+        BridgeTower.from_pretrained(str(tmp_path / "bad_positions.ckpt"))
 
 
 # -----------------------------------------------------------------------------
