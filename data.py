@@ -325,39 +325,43 @@ def _random_resized_crop_box(w, h, scale, ratio, rng):
 
 
 def _randaugment_ops(magnitude):
-    """torchvision's RandAugment ops and strengths (magnitude on its 0..30 scale), signed at random.
+    """The original's RandAugment ops and strengths: BLIP's `RandomAugment` as BridgeTower's VQA transform
+    (`blip_transform_randaug_wohf`) configures it, magnitude on its 0..10 scale.
 
-    Solarize is left out: it inverts bright colours, and VQA answers name colours ("what color is ...").
-    There is no flip anywhere for the same kind of reason: "left of" must stay left.
+    Ten ops and no colour change: no Color, Contrast, Posterize or Solarize, since VQA answers name colours.
+    Brightness and Sharpness get the factor 0.1 + 1.8 * m / 10, which is exactly 1 (no change) at the recipe's
+    magnitude 5. Shear (0.3 * m / 10), rotation (30 degrees * m / 10) and translation (m pixels, whatever the
+    image size) take a random sign, resample bilinearly and fill with grey. There is no flip anywhere, for the
+    same kind of reason as colour: "left of" must stay left.
     """
-    m = magnitude / 30.0
-    fill = (0, 0, 0)
+    m = magnitude / 10.0
+    factor = 0.1 + 1.8 * m
+    fill = (128, 128, 128)
 
     def signed(v, rng):
         return v if rng.random() < 0.5 else -v
 
-    def affine(img, coeffs):
-        return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.NEAREST, fillcolor=fill)
+    def affine(img, coeffs):  # coeffs map an output pixel to the input pixel it reads
+        return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=fill)
 
     return {
         "Identity": lambda img, rng: img,
-        "ShearX": lambda img, rng: affine(img, (1, signed(0.3 * m, rng), 0, 0, 1, 0)),
-        "ShearY": lambda img, rng: affine(img, (1, 0, 0, signed(0.3 * m, rng), 1, 0)),
-        "TranslateX": lambda img, rng: affine(img, (1, 0, signed(150 / 331 * m * img.size[0], rng), 0, 1, 0)),
-        "TranslateY": lambda img, rng: affine(img, (1, 0, 0, 0, 1, signed(150 / 331 * m * img.size[1], rng))),
-        "Rotate": lambda img, rng: img.rotate(signed(30 * m, rng), resample=Image.NEAREST, fillcolor=fill),
-        "Brightness": lambda img, rng: ImageEnhance.Brightness(img).enhance(1 + signed(0.9 * m, rng)),
-        "Color": lambda img, rng: ImageEnhance.Color(img).enhance(1 + signed(0.9 * m, rng)),
-        "Contrast": lambda img, rng: ImageEnhance.Contrast(img).enhance(1 + signed(0.9 * m, rng)),
-        "Sharpness": lambda img, rng: ImageEnhance.Sharpness(img).enhance(1 + signed(0.9 * m, rng)),
-        "Posterize": lambda img, rng: ImageOps.posterize(img, int(8 - round(4 * m))),
         "AutoContrast": lambda img, rng: ImageOps.autocontrast(img),
         "Equalize": lambda img, rng: ImageOps.equalize(img),
+        "Brightness": lambda img, rng: ImageEnhance.Brightness(img).enhance(factor),
+        "Sharpness": lambda img, rng: ImageEnhance.Sharpness(img).enhance(factor),
+        "ShearX": lambda img, rng: affine(img, (1, signed(0.3 * m, rng), 0, 0, 1, 0)),
+        "ShearY": lambda img, rng: affine(img, (1, 0, 0, signed(0.3 * m, rng), 1, 0)),
+        "TranslateX": lambda img, rng: affine(img, (1, 0, signed(10 * m, rng), 0, 1, 0)),
+        "TranslateY": lambda img, rng: affine(img, (1, 0, 0, 0, 1, signed(10 * m, rng))),
+        "Rotate": lambda img, rng: img.rotate(signed(30 * m, rng), resample=Image.BILINEAR, fillcolor=fill),
     }
 
 
 def train_transform(size, scale=(0.5, 1.0), randaugment=(2, 5), use_draft=True):
     """VQA fine-tuning: random resized crop (bicubic) + RandAugment(n ops, magnitude), no flip.
+
+    RandAugment as in the original: n ops drawn with replacement, each then applied with probability 1/2.
 
     Returns transform(img, rng=None) -> (3,size,size); pass a seeded random.Random for reproducible batches.
     """
@@ -374,8 +378,9 @@ def train_transform(size, scale=(0.5, 1.0), randaugment=(2, 5), use_draft=True):
         img = to_rgb(img)
         box = _random_resized_crop_box(*img.size, scale, ratio, rng)
         img = img.resize((size, size), Image.BICUBIC, box=box)
-        for _ in range(num_ops):
-            img = rng.choice(ops)(img, rng)
+        for op in [rng.choice(ops) for _ in range(num_ops)]:
+            if rng.random() < 0.5:
+                img = op(img, rng)
         return normalize(np.asarray(img))
     return transform
 
@@ -555,21 +560,28 @@ def coco_source(json_path, root, split):
     return PairSource(f"coco:{json_path}[{split}]", root, files, index, captions)
 
 
+VG_FOLDERS = ("VG_100K", "VG_100K_2")  # where the two image zips of the Visual Genome download unpack
+
+
 def vg_source(json_path, root, split):
-    """Visual Genome region_descriptions.json: [{id, regions[{image_id, phrase, ...}]}]; image {id}.jpg.
+    """Visual Genome region_descriptions.json: [{id, regions[{image_id, phrase, ...}]}]; image {id}.jpg, found in
+    root/VG_100K/ or root/VG_100K_2/ (the download's layout), else directly under root.
 
     VG has no val/test split (the original pre-training used all of it), so only split="train" reads it.
     """
     if split != "train":
         return None
     data = _read_json(json_path, "Visual Genome region_descriptions.json")
+    folder_of = {name: folder for folder in VG_FOLDERS if os.path.isdir(os.path.join(root, folder))
+                 for name in os.listdir(os.path.join(root, folder))}
     files, index, captions = [], [], []
     for entry in data:
         regions = entry.get("regions", [])
         if not regions:
             continue
         image_id = entry.get("id", regions[0].get("image_id"))
-        files.append(f"{image_id}.jpg")
+        name = f"{image_id}.jpg"
+        files.append(f"{folder_of[name]}/{name}" if name in folder_of else name)
         for region in regions:
             index.append(len(files) - 1)
             captions.append(region["phrase"])
@@ -695,6 +707,12 @@ def parse_sources(spec, split, image_size):
     if not map_sources and not shard_sources:
         raise ValueError(f"data sources {spec!r} give no samples for split {split!r}")
     return map_sources, shard_sources
+
+
+def validation_spec(spec):
+    """The parts of a source spec that hold out a validation split of their own: synthetic (other seeds) and COCO
+    (Karpathy val). Tar shards and VG have none, so they are left out: give held-out shards separately."""
+    return ",".join(p for p in _split_spec(spec or "synthetic") if p.partition(":")[0] not in ("wds", "vg"))
 
 
 # -----------------------------------------------------------------------------

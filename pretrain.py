@@ -24,7 +24,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
-from data import Tokenizer, build_pretrain_loader, demo_tokenizer
+from data import Tokenizer, build_pretrain_loader, demo_tokenizer, parse_sources, validation_spec
 from model import BridgeTower, BridgeTowerConfig, ResidualAttentionBlock, TextLayer
 
 # -----------------------------------------------------------------------------
@@ -47,6 +47,8 @@ dropout = 0.0                # hidden and attention dropout (0.1 in the paper; t
 # data
 data = "synthetic"           # build_pretrain_loader sources: synthetic | wds:... | coco:...@... | vg:...@..., comma-joined
 tokenizer_dir = ""           # "" -> the tokenizer of init_from or text_init, else the demo tokenizer trained on synthetic text
+val_data = ""                # validation sources, read whole ("" -> those of data with a val split of their own:
+                             # synthetic, COCO's Karpathy val; tar shards and VG have none), e.g. wds:cc3m_val/{0..1}.tar
 max_text_len = 20            # tokens (50 in the paper; synthetic captions are at most 17)
 mlm_prob = 0.3               # 0.15 in the paper; on the demo's ~10-word captions ITM then starts learning later
 itm_neg_prob = 0.5
@@ -119,13 +121,22 @@ def retrieval_recall(model, batch, device, autocast=nullcontext()):
     return (scores.argmax(1) == target).float().mean().item(), (scores.argmax(0) == target).float().mean().item()
 
 
+def eval_spec():
+    """The validation sources. Training shards are never read for validation: it would score seen samples."""
+    spec = val_data or validation_spec(data)
+    if not spec:
+        raise ValueError(f"no validation data: data={data!r} holds out none (tar shards and VG have no val split); "
+                         "give held-out sources with --val_data=wds:<held-out shards> (or coco:...)")
+    return spec
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, dist, autocast):
     """MLM/ITM loss and accuracy on held-out batches (each rank its shard, averaged), and ITM retrieval recall@1.
     Leaves every RNG as it found it, so that a run with validation passes and a resumed run draw the same."""
     state = tu.rng_state()
     model.eval()
-    loader = build_pretrain_loader(data, tokenizer, split="val", image_size=image_size, batch_size=micro_batch_size,
+    loader = build_pretrain_loader(eval_spec(), tokenizer, split="val", image_size=image_size, batch_size=micro_batch_size,
                                    max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
                                    rank=dist.rank, world_size=dist.world_size, seed=seed)
     sums = 0
@@ -135,7 +146,7 @@ def evaluate(model, tokenizer, dist, autocast):
     means = tu.all_reduce_mean(sums / eval_batches, dist).tolist()
     out = dict(zip(metrics, means))
     # all ranks score the same pairs (cheap), so no rank waits on another
-    pairs = next(build_pretrain_loader(data, tokenizer, split="val", image_size=image_size, batch_size=retrieval_size,
+    pairs = next(build_pretrain_loader(eval_spec(), tokenizer, split="val", image_size=image_size, batch_size=retrieval_size,
                                        max_text_len=max_text_len, itm_neg_prob=0.0, seed=seed + 1))
     out["itm_r1_i2t"], out["itm_r1_t2i"] = retrieval_recall(model, pairs, dist.device, autocast)
     model.train()
@@ -205,6 +216,7 @@ def main():
     if bench:
         return run_bench(dist)
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
+    parse_sources(eval_spec(), "val", image_size)  # a missing or empty validation source: an error before training
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     tokenizer, tok_dir = load_tokenizer()
     ckpt = tu.load_latest_checkpoint(out_dir, dist=dist) if resume else None

@@ -4,6 +4,7 @@ rank splits, and the synthetic scenes."""
 
 import io
 import json
+import math
 import os
 import random
 import sys
@@ -242,6 +243,50 @@ def test_randaugment_keeps_colours_and_sides():
         assert left > 3 * right and left > 20
 
 
+def test_randaugment_is_the_originals(monkeypatch):
+    # BridgeTower's VQA transform: BLIP's RandomAugment(2, 5) over ten ops, each drawn op applied with p = 1/2
+    ops = data._randaugment_ops(5)
+    assert set(ops) == {"Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
+                        "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
+    img = natural_image(64, 64, 5)
+    for name in ("Identity", "Brightness", "Sharpness"):  # enhance factor 0.1 + 1.8 * 5 / 10 = 1: no change
+        assert ops[name](img, random.Random(0)).tobytes() == img.tobytes(), name
+
+    def bright(out):  # (x, y) of the pixels brighter than the grey fill
+        ys, xs = np.nonzero(np.asarray(out.convert("L")) > 200)
+        return xs, ys
+
+    line = Image.new("RGB", (64, 64), (0, 0, 0))
+    line.paste((255, 255, 255), (32, 0, 33, 64))  # a vertical line at x = 32
+    shifts = set()
+    for seed in range(8):
+        out = ops["TranslateX"](line, random.Random(seed))
+        xs, _ = bright(out)
+        shifts.add(int(xs.mean().round()) - 32)
+        assert (np.asarray(out)[:, :5] == 128).all() or (np.asarray(out)[:, -5:] == 128).all()  # grey fill
+    assert shifts == {-5, 5}  # 5 pixels at magnitude 5, whatever the image size, either way
+    slopes = set()
+    for seed in range(8):
+        xs, ys = bright(ops["ShearX"](line, random.Random(seed)))
+        slopes.add(round(float(np.polyfit(ys, xs, 1)[0]), 2))
+    assert slopes == {-0.15, 0.15}
+    horizontal = Image.new("RGB", (64, 64), (0, 0, 0))
+    horizontal.paste((255, 255, 255), (0, 32, 64, 33))
+    angles = set()
+    for seed in range(8):
+        xs, ys = bright(ops["Rotate"](horizontal, random.Random(seed)))
+        angles.add(round(math.degrees(math.atan(np.polyfit(xs, ys, 1)[0]))))
+    assert angles == {-15, 15}
+
+    calls = []
+    monkeypatch.setattr(data, "_randaugment_ops", lambda m: {"op": lambda im, rng: calls.append(m) or im})
+    transform = data.train_transform(16, scale=(1.0, 1.0), randaugment=(2, 5), use_draft=False)
+    square, rng = natural_image(16, 16, 0), random.Random(0)
+    for _ in range(1000):
+        transform(square, rng)
+    assert abs(len(calls) - 1000) < 4 * math.sqrt(2000 * 0.25)  # 2000 draws, each applied with p = 1/2
+
+
 # -----------------------------------------------------------------------------
 # synthetic scenes
 
@@ -412,18 +457,25 @@ def test_all_bad_data_is_a_clear_error_not_a_hang(tok, tmp_path):
 
 
 def test_vg_regions_and_mixing(tok, tmp_path):
-    root = tmp_path / "VG_100K"
-    root.mkdir()
+    root = tmp_path / "vg"  # the download's layout: the images in two folders under one root
+    for folder in ("VG_100K", "VG_100K_2"):
+        (root / folder).mkdir(parents=True)
     regions = []
     for image_id in (1, 2):
-        (root / f"{image_id}.jpg").write_bytes(scene_jpeg(image_id))
+        (root / ("VG_100K" if image_id == 1 else "VG_100K_2") / f"{image_id}.jpg").write_bytes(scene_jpeg(image_id))
         regions.append({"id": image_id, "regions": [
             {"region_id": 10 * image_id + r, "image_id": image_id, "phrase": f"region {r} of image {image_id}",
              "x": 0, "y": 0, "width": 10, "height": 10} for r in range(3)]})
     (tmp_path / "region_descriptions.json").write_text(json.dumps(regions))
     vg = f"vg:{tmp_path / 'region_descriptions.json'}@{root}"
     batch = take(vg, tok, 1, batch_size=6)[0]
+    assert batch["skipped"] == 0
     assert sorted(captions_of(tok, batch)) == sorted(f"region {r} of image {i}" for i in (1, 2) for r in range(3))
+    flat = tmp_path / "flat"  # or all of them straight under the root
+    flat.mkdir()
+    for image_id in (1, 2):
+        (flat / f"{image_id}.jpg").write_bytes(scene_jpeg(image_id))
+    assert take(f"vg:{tmp_path / 'region_descriptions.json'}@{flat}", tok, 1, batch_size=6)[0]["skipped"] == 0
     # ITM negatives never pair a region phrase with another region of the same image
     for i, j in enumerate(batch["itm_image_index"].tolist()):
         if batch["itm_labels"][i] == 0:

@@ -51,6 +51,18 @@ def test_accumulation_steps():
         tu.accumulation_steps(4096, 32, 3)
 
 
+def test_validation_never_reads_training_shards(monkeypatch):
+    # tar shards and VG have no split of their own: validation reads the held-out splits of the other sources, or
+    # val_data; with neither, the run stops before training rather than score training samples as "held out"
+    monkeypatch.setattr(pretrain, "data", "synthetic,wds:cc3m/{00000..00331}.tar,coco:c.json@coco,vg:r.json@vg")
+    assert pretrain.eval_spec() == "synthetic,coco:c.json@coco"
+    monkeypatch.setattr(pretrain, "val_data", "wds:cc3m_val/{00000..00001}.tar")
+    assert pretrain.eval_spec() == "wds:cc3m_val/{00000..00001}.tar"
+    out = subprocess.run([sys.executable, SCRIPT, "--data=wds:nowhere/{00000..00003}.tar", "--max_steps=1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no validation data" in out.stderr and "--val_data" in out.stderr
+
+
 def test_unknown_key_is_an_error():
     out = subprocess.run([sys.executable, SCRIPT, "--max_step=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "max_step" in out.stderr
