@@ -429,7 +429,7 @@ def test_base_config_is_the_paper_recipe():
     assert base["lr"] == 1e-5 and base["lr_mult_heads"] == 50 and base["lr_mult_cross_modal"] == 5
     assert base["warmup_ratio"] == 0.06 and base["weight_decay"] == 0.05 and base["batch_size"] == 512
     assert base["min_answer_count"] == 9 and base["crop_scale"] == (0.5, 1.0) and base["randaugment"] == (2, 5)
-    assert base["init_from"] and base["eval_holdout"] == 1000
+    assert base["init_from"] and (base["eval_split"], base["eval_holdout"]) == ("", 0)  # all of train + val trained on
 
 
 def test_finetune_from_a_checkpoint_at_a_new_image_size(tmp_path, tiny_run):
