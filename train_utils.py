@@ -201,7 +201,9 @@ def autocast(device, dtype):
 
 def param_groups(model, weight_decay, lr_mults=None):
     """AdamW groups: no decay on biases and LayerNorm weights (every tensor with ndim < 2), and an lr multiplier
-    per name prefix (the first prefix that matches wins; unmatched parameters get 1). Each group has "lr_mult"."""
+    per name prefix (the first prefix that matches wins; unmatched parameters get 1). Each group has "lr_mult".
+    The original picks by name ("bias", "LayerNorm.weight", "norm.weight", ...), which misses CLIP's ln_1, ln_2,
+    ln_pre and ln_post weights, its class embedding and the VQA head's LayerNorm weight: those are decayed there."""
     lr_mults = lr_mults or {}
     groups = {}
     for name, p in unwrap(model).named_parameters():
