@@ -47,8 +47,8 @@ dropout = 0.0                # hidden and attention dropout (0.1 in the paper; t
 # data
 data = "synthetic"           # build_pretrain_loader sources: synthetic | wds:... | coco:...@... | vg:...@..., comma-joined
 tokenizer_dir = ""           # "" -> the tokenizer of init_from or text_init, else the demo tokenizer trained on synthetic text
-val_data = ""                # validation sources, read whole ("" -> those of data with a val split of their own:
-                             # synthetic, COCO's Karpathy val; tar shards and VG have none), e.g. wds:cc3m_val/{0..1}.tar
+val_data = ""                # validation sources, read whole, e.g. wds:cc3m_val/{00000..00001}.tar; "" -> the sources
+                             # of data with a val split of their own (synthetic, COCO's Karpathy val; shards, VG: none)
 max_text_len = 20            # tokens (50 in the paper; synthetic captions are at most 17)
 mlm_prob = 0.3               # 0.15 in the paper; on the demo's ~10-word captions ITM then starts learning later
 itm_neg_prob = 0.5
@@ -136,7 +136,8 @@ def evaluate(model, tokenizer, dist, autocast):
     Leaves every RNG as it found it, so that a run with validation passes and a resumed run draw the same."""
     state = tu.rng_state()
     model.eval()
-    loader = build_pretrain_loader(eval_spec(), tokenizer, split="val", image_size=image_size, batch_size=micro_batch_size,
+    spec = eval_spec()
+    loader = build_pretrain_loader(spec, tokenizer, split="val", image_size=image_size, batch_size=micro_batch_size,
                                    max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
                                    rank=dist.rank, world_size=dist.world_size, seed=seed)
     sums = 0
@@ -146,7 +147,7 @@ def evaluate(model, tokenizer, dist, autocast):
     means = tu.all_reduce_mean(sums / eval_batches, dist).tolist()
     out = dict(zip(metrics, means))
     # all ranks score the same pairs (cheap), so no rank waits on another
-    pairs = next(build_pretrain_loader(eval_spec(), tokenizer, split="val", image_size=image_size, batch_size=retrieval_size,
+    pairs = next(build_pretrain_loader(spec, tokenizer, split="val", image_size=image_size, batch_size=retrieval_size,
                                        max_text_len=max_text_len, itm_neg_prob=0.0, seed=seed + 1))
     out["itm_r1_i2t"], out["itm_r1_t2i"] = retrieval_recall(model, pairs, dist.device, autocast)
     model.train()
