@@ -5,8 +5,9 @@ matching (ITM), as two separate forward passes whose losses are summed.
   python pretrain.py                                  # demo: tiny model, synthetic scenes, CPU, about 3 minutes
   torchrun --nproc_per_node=2 pretrain.py             # the same on 2 processes (gloo on CPU, NCCL on GPU)
   python pretrain.py --resume                         # continue a killed run from out_dir/ckpt.pt
+  torchrun --nproc_per_node=8 pretrain.py config/pretrain_base.py    # the paper's recipe (paths in the config)
   torchrun --nproc_per_node=8 pretrain.py config/pretrain_base.py \
-      --data=coco:dataset_coco.json@coco,vg:region_descriptions.json@vg    # the paper's recipe
+      --data=coco:dataset_coco.json@coco,vg:region_descriptions.json@vg    # the same on COCO + VG only
   python pretrain.py config/pretrain_base.py --bench --micro_batch_size=2 --batch_size=2   # speed of the base model
 
 Configuration is the module globals below, overridden by config files and --key=value (train_utils.configure).

@@ -1,4 +1,4 @@
-# BridgeTower-Base pre-training, the paper's recipe (original scripts, REFERENCE.md section 5):
+# BridgeTower-Base pre-training, the paper's recipe (the original's scripts):
 # roberta-base + CLIP ViT-B/16, 288 px, MLM + ITM, global batch 4096, 100k steps, AdamW (0.9, 0.98) eps 1e-8,
 # lr 1e-5 with warmup 10% then linear to 0, weight decay 0.01 (none on biases and LayerNorms), lr x5 for
 # cross_modal* and the heads, captions up to 50 tokens. bf16 autocast on GPU (the original trained in fp32).

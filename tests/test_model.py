@@ -135,7 +135,8 @@ def test_parity_base_size(tmp_path):
 
 
 def test_parameter_counts_of_presets():
-    """Sizes from the HF reference (REFERENCE.md), less the unused text pooler; built on the meta device."""
+    """Parameter counts of HF's BridgeTowerModel and its heads at the released sizes, less the unused text pooler;
+    built on the meta device."""
     with torch.device("meta"):
         base = BridgeTower(BridgeTowerConfig.preset("base", heads=("mlm", "itm", "itc")))
         large = BridgeTower(BridgeTowerConfig.preset("large", heads=()))
