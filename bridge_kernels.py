@@ -17,8 +17,11 @@ add_layer_norm() and attention() always run Triton: on a CPU that needs TRITON_I
 before triton is imported.
 """
 
+import contextlib
+import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +39,8 @@ except ImportError:  # torch-only install: the kernels below are defined but nev
             return value
 
         @staticmethod
-        def jit(fn):
-            return fn
+        def jit(fn=None, **kwargs):  # @triton.jit and @triton.jit(do_not_specialize=...)
+            return fn if fn is not None else (lambda f: f)
 
         @staticmethod
         def autotune(*args, **kwargs):
@@ -275,6 +278,13 @@ def _check_link(link_type, scalar):
         raise ValueError(f"link_type {link_type!r} takes {'no' if link_type == 'add' else 'a'} scalar")
 
 
+def _on_device_of(t):
+    """Triton launches on the current CUDA device: make it t's (a tensor on cuda:1 while cuda:0 is current)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def add_layer_norm(h, c, weight, bias, eps=1e-5, link_type="add", scalar=None):
     """LayerNorm over the last dim of h + c (or the bridge variants), fused, in Triton.
 
@@ -290,7 +300,8 @@ def add_layer_norm(h, c, weight, bias, eps=1e-5, link_type="add", scalar=None):
     for t in (h, c):
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"add_layer_norm: inputs must be fp32, bf16 or fp16, got {t.dtype}")
-    return _AddLayerNorm.apply(h, c, weight, bias, scalar, float(eps), LINK_TYPES[link_type])
+    with _on_device_of(h):
+        return _AddLayerNorm.apply(h, c, weight, bias, scalar, float(eps), LINK_TYPES[link_type])
 
 
 def add_layer_norm_ref(h, c, weight, bias, eps=1e-5, link_type="add", scalar=None):
@@ -348,11 +359,15 @@ else:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]
     ]
+    if os.environ.get("BRIDGETOWER_AUTOTUNE", "1") == "0":
+        # one config a kernel (the smallest, which fits every dtype and head dim): for correctness runs such as
+        # gpu_checks.sh's kernel tests, where tuning would compile every config for every variant
+        _FWD_CONFIGS, _BWD_KV_CONFIGS, _BWD_Q_CONFIGS = _FWD_CONFIGS[-1:], _BWD_KV_CONFIGS[-1:], _BWD_Q_CONFIGS[-1:]
 _ATTN_KEY = ["BLOCK_D", "HAS_MASK", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"]
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_ATTN_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a random seed would compile new variants
 def _attn_fwd_kernel(
     Q, K, V, KeyMask, O, LSE,
     sm_scale, seed, dropout_p,
@@ -443,7 +458,7 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.autotune(configs=_BWD_KV_CONFIGS, key=_ATTN_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a random seed would compile new variants
 def _attn_bwd_dkdv_kernel(
     Q, K, V, KeyMask, DO, LSE, Delta, DK, DV,
     sm_scale, seed, dropout_p,
@@ -514,7 +529,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_BWD_Q_CONFIGS, key=_ATTN_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a random seed would compile new variants
 def _attn_bwd_dq_kernel(
     Q, K, V, KeyMask, DO, LSE, Delta, DQ,
     sm_scale, seed, dropout_p,
@@ -674,7 +689,8 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0):
         if key_mask.dtype == torch.bool:
             key_mask = key_mask.view(torch.uint8)  # same bytes; triton reads uint8 more simply than i1
     seed = _draw_seed() if dropout_p > 0 else 0
-    return _Attention.apply(q, k, v, key_mask, float(dropout_p), seed)
+    with _on_device_of(q):
+        return _Attention.apply(q, k, v, key_mask, float(dropout_p), seed)
 
 
 def attention_ref(q, k, v, key_mask=None, dropout_p=0.0, dropout_mask=None):
@@ -698,18 +714,20 @@ def attention_ref(q, k, v, key_mask=None, dropout_p=0.0, dropout_mask=None):
 BACKENDS = ("auto", "triton", "torch")
 
 
-def backend(x, requested="auto"):
+def backend(x, requested="auto", fp32=True):
     """'triton' or 'torch' for a tensor on x's device. BRIDGETOWER_KERNELS (auto|triton|torch), if
     set, wins over `requested`. auto: triton on CUDA when triton imports, torch elsewhere, and torch
     while torch.compile traces: inductor fuses add + LayerNorm itself, and these kernels are not
-    registered custom ops (Dynamo would meet the dropout seed, a host value, at every attention)."""
+    registered custom ops (Dynamo would meet the dropout seed, a host value, at every attention).
+    fp32=False: auto takes torch for an fp32 x too (attention: see bridge_attention)."""
     choice = os.environ.get("BRIDGETOWER_KERNELS", "").strip().lower() or requested
     if choice not in BACKENDS:
         raise ValueError(f"kernels must be one of {BACKENDS} (BRIDGETOWER_KERNELS or config), got {choice!r}")
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return "triton" if HAS_TRITON and x.is_cuda and not torch.compiler.is_compiling() else "torch"
+        fits = fp32 or x.dtype != torch.float32
+        return "triton" if HAS_TRITON and x.is_cuda and fits and not torch.compiler.is_compiling() else "torch"
     if not HAS_TRITON:
         raise RuntimeError("kernels='triton' but triton is not installed (pip install triton, or use 'torch')")
     if x.is_cuda or INTERPRET:
@@ -725,7 +743,9 @@ def bridge_add_layer_norm(h, c, weight, bias, eps, link_type="add", scalar=None,
 
 
 def bridge_attention(q, k, v, key_mask=None, dropout_p=0.0, requested="auto"):
-    if backend(q, requested) == "triton":
+    # auto leaves fp32 attention (no autocast) to PyTorch: without TF32 the kernel's fp32 dots run on CUDA cores
+    # and spill (--compile-check: 6 KB of stack per thread on sm_90), where the bf16 ones spill nothing
+    if backend(q, requested, fp32=False) == "triton":
         return attention(q, k, v, key_mask, dropout_p)
     mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -738,7 +758,7 @@ _SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # max opt-in b
 
 
 def _cubin_resources(cubin):
-    """(registers, local-memory bytes per thread) of a cubin, from the cuobjdump triton ships."""
+    """(registers, stack bytes per thread: spills live there) of a cubin, from the cuobjdump triton ships."""
     import re
     import subprocess
     import tempfile
@@ -747,7 +767,7 @@ def _cubin_resources(cubin):
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+).*LOCAL:(\d+)", text)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
     return (int(found.group(1)), int(found.group(2))) if found else (-1, -1)
 
 
@@ -776,8 +796,8 @@ def _gpu_compile(kernel, arch, pointers, constexprs, num_warps, num_stages):
     compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    regs, local = _cubin_resources(compiled.asm["cubin"])
-    return dict(kernel=fn.__name__, arch=arch, shared=compiled.metadata.shared, regs=regs, local=local,
+    regs, stack = _cubin_resources(compiled.asm["cubin"])
+    return dict(kernel=fn.__name__, arch=arch, shared=compiled.metadata.shared, regs=regs, stack=stack,
                 num_warps=num_warps, num_stages=num_stages,
                 **{k: v for k, v in constexprs.items() if k.isupper()})
 
@@ -786,7 +806,7 @@ def compile_check(archs=(80, 90), dtypes=("bf16",), head_dims=(64,), variants=((
                   all_configs=True):
     """Compile the kernels for each arch (80 = A100, 90 = H100/H200), yielding one dict per binary.
     variants: (HAS_MASK, DROPOUT) pairs. Fails loudly on a compile error; callers check 'shared'
-    against _SHARED_LIMIT and 'local' (spilled bytes) themselves."""
+    against _SHARED_LIMIT and 'stack' (bytes per thread, spills included) themselves."""
     if INTERPRET:
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the kernels are interpreted)")
     for arch in archs:
@@ -923,7 +943,6 @@ def summarize(ln_rows, attn_rows):
 
 def main(argv):
     import argparse
-    import datetime
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "all"])
     parser.add_argument("--batch", type=int, default=32)
@@ -942,9 +961,9 @@ def main(argv):
             over = r["shared"] > _SHARED_LIMIT[r["arch"]]
             variant = tuple(r.get(k) for k in ("arch", "kernel", "dtype", "LINK", "BLOCK_D", "HAS_MASK", "DROPOUT"))
             fits[variant] = fits.get(variant, False) or not over
-            extra = {k: v for k, v in r.items() if k not in ("kernel", "arch", "shared", "regs", "local")}
+            extra = {k: v for k, v in r.items() if k not in ("kernel", "arch", "shared", "regs", "stack")}
             print(f"sm_{r['arch']} {r['kernel']:<24} shared {r['shared']:>6}{' OVER' if over else ''} "
-                  f"regs {r['regs']:>3} spill {r['local']:>4}  {extra}", flush=True)
+                  f"regs {r['regs']:>3} stack {r['stack']:>5}  {extra}", flush=True)
         unfit = [v for v, ok in fits.items() if not ok]
         print(f"{len(fits) - len(unfit)} of {len(fits)} kernel variants have a config that fits", *unfit, sep="\n")
         sys.exit(1 if unfit else 0)
@@ -953,10 +972,20 @@ def main(argv):
                  "On a CPU: `python -m pytest tests/test_kernels.py` checks correctness under the "
                  "interpreter, `python bridge_kernels.py --compile-check` compiles the kernels for sm_80/sm_90.")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    print(f"# {torch.cuda.get_device_name()}, {datetime.date.today().isoformat()}, "
-          f"torch {torch.__version__}, triton {triton.__version__}, batch {args.batch}")
+    run_benchmark(args.batch, dtype, torch.cuda.get_device_name())
+
+
+def run_benchmark(batch, dtype, gpu_name):
+    print(f"# {gpu_name}, {datetime.date.today().isoformat()}, "
+          f"torch {torch.__version__}, triton {triton.__version__}, batch {batch}")
     torch.manual_seed(0)
-    summarize(bench_add_layer_norm(args.batch, dtype), bench_attention(args.batch, dtype))
+    t0 = time.time()
+    ln_rows = bench_add_layer_norm(batch, dtype)
+    t1 = time.time()
+    attn_rows = bench_attention(batch, dtype)
+    print(f"\n# wall time, compiles and autotuning included: add+LayerNorm {t1 - t0:.0f} s, "
+          f"attention {time.time() - t1:.0f} s")
+    return summarize(ln_rows, attn_rows)
 
 
 if __name__ == "__main__":
