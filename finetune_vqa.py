@@ -229,6 +229,9 @@ def load_annotations(root, split):
 
 def load_questions(root, split, image_root=None):
     """[{question_id, image_id, question, image}] of a split, in file order."""
+    if not os.path.isfile(questions_path(root, split)):
+        raise FileNotFoundError(f"questions of split {split} not found: {questions_path(root, split)} (the splits "
+                                "come from --train_splits, --eval_split and --test_split; \"\" skips the last two)")
     with open(questions_path(root, split)) as f:
         questions = json.load(f)["questions"]
     image_root = image_root or root
@@ -386,16 +389,20 @@ class Unreadable(NamedTuple):
     error: str
 
 
+def check_image_root(items):
+    """A wrong image root would otherwise show up mid-run, as every sample skipped or every answer the majority."""
+    probe = [item["image"] for item in items[:20]]
+    if probe and not any(os.path.isfile(p) for p in probe):
+        raise FileNotFoundError(f"none of the first {len(probe)} images exist, e.g. {probe[0]} "
+                                "(set --image_root, the folder that holds train2014/ val2014/ test2015/)")
+
+
 class VQADataset(torch.utils.data.Dataset):
     """Indexed by (item index, augmentation seed) pairs, which the batch schedule below produces."""
 
     def __init__(self, items, transform, num_answers):
         self.items, self.transform, self.num_answers = items, transform, num_answers
-        # A wrong image root would otherwise show up mid-run, as every sample being skipped.
-        probe = [item["image"] for item in items[:20]]
-        if probe and not any(os.path.isfile(p) for p in probe):
-            raise FileNotFoundError(f"none of the first {len(probe)} images exist, e.g. {probe[0]} "
-                                    "(set --image_root, the folder that holds train2014/ val2014/ test2015/)")
+        check_image_root(items)
 
     def __len__(self):
         return len(self.items)
@@ -746,6 +753,10 @@ def main():
     loader = iter(make_loader(dataset, micro_batch_schedule(len(train_items), step, accum, dist), tokenizer))
     if eval_split:
         eval_questions, eval_annotations = load_eval_set(root, images, held_out)
+        check_image_root(eval_questions)
+    if test_split:  # read now, so that a missing file or image folder stops the run before training, not after
+        test_questions = load_questions(root, test_split, images)
+        check_image_root(test_questions)
     logger = tu.MetricLogger(out_dir, dist.is_master)
     warmup_steps = int(warmup_ratio * total_steps)
     cfg = raw_model.config
@@ -811,7 +822,6 @@ def main():
         tu.copy_tokenizer(tok_dir, final_dir)
         print(f"saved {final_dir} | {step} steps, training {train_time:.0f}s")
     if test_split:
-        test_questions = load_questions(root, test_split, images)
         predictions = predict_answers(raw_model, test_questions, answers, tokenizer, dist, majority, autocast)
         if dist.is_master:
             path = os.path.join(out_dir, f"results_{test_split}.json")

@@ -4,6 +4,7 @@ Expected metric values are worked out by hand in the comments, never by calling 
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -325,6 +326,25 @@ def test_collate_replaces_unreadable_samples(tiny_run, tmp_path, capsys):
     moved = [dict(q, image=q["image"].replace(root, str(tmp_path / "nowhere"))) for q in questions]
     with pytest.raises(FileNotFoundError, match="none of the first 5 images exist.*nowhere"):
         fv.VQADataset(moved, eval_transform(32), 7)
+
+
+def test_missing_eval_or_test_data_fails_before_training(tiny_run, tmp_path):
+    # the test and eval splits are read at the start: a missing file or image folder is an error then, not after
+    # hours of training
+    root = str(tmp_path / "vqa")
+    shutil.copytree(tiny_run["synthetic"], root)
+    args = TINY + [f"--data_dir={root}", f"--out_dir={tmp_path / 'run'}"]
+    os.remove(os.path.join(root, "v2_OpenEnded_mscoco_test-dev2015_questions.json"))
+    for extra, message in ((["--test_split=test-dev2015"], "v2_OpenEnded_mscoco_test-dev2015_questions.json"),
+                           (["--eval_split=val2015"], "v2_OpenEnded_mscoco_val2015_questions.json")):
+        out = subprocess.run([sys.executable, SCRIPT, *args, *extra], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+        assert "step 1 " not in out.stdout and not (tmp_path / "run" / "ckpt.pt").exists()
+    shutil.rmtree(os.path.join(root, "test2015"))
+    out = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "none of the first" in out.stderr and "test2015" in out.stderr
+    assert "step 1 " not in out.stdout
 
 
 def test_unreadable_images_do_not_stop_a_run(tiny_run, tmp_path, monkeypatch):
