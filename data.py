@@ -178,7 +178,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def to_rgb(img):
-    """RGB, with transparency composited onto white (what transformers' convert_to_rgb does)."""
+    """RGB, with transparency composited onto white (what transformers' convert_to_rgb does). 16-bit greyscale
+    (mode I;16 or I, from PNG or TIFF) is scaled to 8 bits; a plain convert would clip it to white."""
+    if img.mode.startswith("I"):
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8), "L")
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
@@ -622,6 +625,15 @@ def _split_spec(spec):
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+def _zeros_from(path, offset, chunk=1 << 20):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while block := f.read(chunk):
+            if block.count(0) != len(block):
+                return False
+    return True
+
+
 def scan_shard(path):
     """Read only the tar headers of one shard -> (samples, error).
 
@@ -649,6 +661,13 @@ def scan_shard(path):
             # tarfile ends quietly on a cut header: a complete archive ends with two zero blocks
             if file_size - tf.offset < 1024:
                 raise tarfile.ReadError(f"no end-of-archive marker after {info.name if key else 'the start'}")
+            # ... and on a corrupt header, or at the first of two archives joined with cat: all that follows the
+            # end marker must be zeros (padding to the block size)
+            if not _zeros_from(path, tf.offset):
+                if key is not None:  # every member read so far is whole: keep the last sample too
+                    samples.append((key, members))
+                raise tarfile.ReadError(f"unreadable data after byte {tf.offset} (a corrupt header, or joined "
+                                        "archives), after " + (info.name if key else "the start"))
         if key is not None:
             samples.append((key, members))
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -667,10 +686,18 @@ class ShardSource:
         for p in self.shards:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{self.name}: shard not found: {p}")
-        first, error = scan_shard(self.shards[0])
-        if not first:
-            raise ValueError(f"{self.name}: first shard {self.shards[0]} holds no samples ({error or 'empty'})")
-        self.estimated_len = self._estimate_len(len(first))
+        # the first shard with samples sizes the others (img2dataset writes an empty tar when every download of a
+        # shard failed); none at all is an error now rather than a loader that waits forever
+        errors = []
+        for p in self.shards:
+            samples, error = scan_shard(p)
+            if samples:
+                break
+            errors.append(f"{p} ({error or 'empty'})")
+        else:
+            raise ValueError(f"{self.name}: no shard holds a sample: {'; '.join(errors[:3])}"
+                             + (f" and {len(errors) - 3} more" if len(errors) > 3 else ""))
+        self.estimated_len = self._estimate_len(len(samples))
 
     def _estimate_len(self, first_count):
         # img2dataset writes {shard}_stats.json with the sample count; otherwise assume shards like the first
@@ -770,16 +797,15 @@ class _ShardStream:
         self.counters = counters
         self.shard_position = role
         self.pending = []  # samples of the current shard, reversed, not yet in the buffer
+        self.empty = set()  # shards found to hold no readable sample
         self.buffer = []
         self.rng = random.Random(f"buffer-{seed}-{role}")
         self._epoch, self._order = None, None
 
     def _next_sample(self):
-        empty_in_a_row = 0
         while not self.pending:
-            if empty_in_a_row > len(self.shards):
+            if len(self.empty) == len(self.shards):
                 raise RuntimeError(f"none of the {len(self.shards)} shards has a readable sample any more")
-            empty_in_a_row += 1
             epoch, i = divmod(self.shard_position, len(self.shards))
             self.shard_position += self.num_roles
             if epoch != self._epoch:
@@ -791,6 +817,8 @@ class _ShardStream:
                 self.counters["skipped"] += 1
                 print(f"data: shard {path} abandoned after {len(samples)} samples: {error}", file=sys.stderr,
                       flush=True)
+            if not samples:
+                self.empty.add(path)
             self.pending = [(path, key, members) for key, members in reversed(samples)]
         return self.pending.pop()
 
@@ -805,6 +833,10 @@ class _ShardStream:
     def skip(self, count):
         for _ in range(count):
             self.next()
+
+
+class _BadSample(ValueError):
+    """A sample that decodes but cannot be used (no image, no caption)."""
 
 
 class _PretrainStream(torch.utils.data.IterableDataset):
@@ -823,6 +855,7 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         self.batch_size, self.max_text_len = batch_size, max_text_len
         self.mlm_prob, self.itm_neg_prob = mlm_prob, itm_neg_prob
         self.rank, self.world_size, self.seed, self.start_batch = rank, world_size, seed, start_batch
+        self._last_error = None
         special = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         special[tokenizer.special_ids] = True
         self.is_special = special
@@ -883,20 +916,23 @@ class _PretrainStream(torch.utils.data.IterableDataset):
                 f.seek(offset)
                 return f.read(size)
             image_ext = next((e for e in _IMAGE_EXTS if e in members), None)
+            if image_ext is None:
+                raise _BadSample(f"no image member (it has .{', .'.join(sorted(members))})")
             caption = read("txt").decode("utf-8", errors="replace") if "txt" in members else ""
-            if image_ext is None or not caption.strip():
-                return None
+            if not caption.strip():
+                raise _BadSample("no caption (.txt member missing or empty)")
             img, key = Image.open(io.BytesIO(read(image_ext))), f"{path}/{key}"
         caption = caption.strip()
         if not caption:
-            return None
+            raise _BadSample("empty caption")
         return self.transform(img), caption, key
 
     def _try_load(self, ref, open_files):
         try:
             return self._load(ref, open_files)
         except Exception as e:  # corrupt/missing image: any decoder error must not stop a run
-            self._last_error = f"{type(e).__name__}: {e}"
+            name = f"{ref[1]}/{ref[2]}" if ref[0] == "tar" else f"{self.map_sources[ref[1]].name} sample {ref[2]}"
+            self._last_error = f"{name}: {type(e).__name__}: {e}"
             return None
 
     def _make_batch(self, refs, batch_index, streams, chooser, counters, open_files):

@@ -418,6 +418,53 @@ def test_truncated_tar_keeps_the_samples_before_the_bad_member(tmp_path):
         assert all(set(m) == {"jpg", "txt", "json"} for _, m in samples)  # no partial sample survives
 
 
+def test_joined_or_corrupt_tar_is_reported_not_cut_silently(tmp_path):
+    # tarfile stops without a word at the first end marker (two shards joined with cat) and at a corrupt header
+    a = write_tar(tmp_path / "a.tar", [good_sample(f"a{i}", f"caption {i}") for i in range(4)])
+    b = write_tar(tmp_path / "b.tar", [good_sample(f"b{i}", f"caption {i}") for i in range(4)])
+    (tmp_path / "ab.tar").write_bytes(open(a, "rb").read() + open(b, "rb").read())
+    samples, error = data.scan_shard(str(tmp_path / "ab.tar"))
+    assert len(samples) == 4 and "unreadable data after byte" in error
+    raw = bytearray(open(a, "rb").read())
+    third = tarfile.open(a).getmembers()[6]  # the first member of the third sample
+    raw[third.offset:third.offset + 100] = b"\xff" * 100  # its header's name, mode, sizes: a bad checksum
+    (tmp_path / "bad_header.tar").write_bytes(bytes(raw))
+    samples, error = data.scan_shard(str(tmp_path / "bad_header.tar"))
+    assert len(samples) == 2 and "unreadable data" in error
+
+
+def test_shards_without_usable_samples(tok, tmp_path):
+    # img2dataset writes an empty tar when every download of a shard failed: the source still reads the others
+    write_tar(tmp_path / "00000.tar", [])
+    write_tar(tmp_path / "00001.tar", [good_sample(f"{i:03d}", f"a caption {i}") for i in range(8)])
+    batches = take(f"wds:{tmp_path}/{{00000..00001}}.tar", tok, 6, batch_size=4)
+    assert all(len(captions_of(tok, b)) == 4 for b in batches)
+    # one stream meets the empty shard again and again; it gives up only if every shard is empty
+    stream = data._ShardStream([str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")], 0, 0, 2, {"skipped": 0})
+    assert len([stream.next() for _ in range(100)]) == 100
+    with pytest.raises(ValueError, match="no shard holds a sample: .*00000.tar"):
+        data.build_pretrain_loader(f"wds:{tmp_path}/00000.tar", tok)
+    # shards whose samples all lack a caption (img2dataset run without a caption column): an error naming a sample
+    write_tar(tmp_path / "nocap.tar", [(f"{i:03d}", {"jpg": scene_jpeg(i), "json": b"{}"}) for i in range(8)])
+    with pytest.raises(RuntimeError, match=r"unusable; last error: .*nocap.tar/00\d: _BadSample: no caption"):
+        take(f"wds:{tmp_path}/nocap.tar", tok, 1)
+    write_tar(tmp_path / "corrupt.tar", [(f"{i:03d}", {"jpg": b"not a jpeg", "txt": b"text"}) for i in range(8)])
+    with pytest.raises(RuntimeError, match=r"last error: .*corrupt.tar/00\d: UnidentifiedImageError"):
+        take(f"wds:{tmp_path}/corrupt.tar", tok, 1)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped():
+    grey = Image.fromarray(np.full((40, 40), 32768, dtype=np.uint16))  # mid grey in 16 bits
+    buf = io.BytesIO()
+    grey.save(buf, format="PNG")
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    assert img.mode.startswith("I")
+    assert np.asarray(data.to_rgb(img)).mean() == 128
+    rgb = data.pretrain_transform(32, use_draft=False)(img) * torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    rgb += torch.tensor(data.CLIP_MEAN).view(3, 1, 1)
+    assert (rgb * 255 - 128).abs().max() < 1.5
+
+
 def write_coco(tmp_path, images, name="dataset_coco.json"):
     """images: [(split, filepath, filename, [captions], jpeg bytes | None)]."""
     entries = []
@@ -452,7 +499,7 @@ def test_coco_splits_bad_images_and_empty_captions(tok, tmp_path):
 
 def test_all_bad_data_is_a_clear_error_not_a_hang(tok, tmp_path):
     spec = write_coco(tmp_path, [("train", "d", f"{i}.jpg", [f"c{i}"], b"corrupt") for i in range(3)])
-    with pytest.raises(RuntimeError, match="unusable; last error: UnidentifiedImageError"):
+    with pytest.raises(RuntimeError, match="unusable; last error: .*sample .*: UnidentifiedImageError"):
         take(spec, tok, 1, batch_size=2)
 
 
