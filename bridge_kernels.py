@@ -744,7 +744,7 @@ def bridge_add_layer_norm(h, c, weight, bias, eps, link_type="add", scalar=None,
 
 def bridge_attention(q, k, v, key_mask=None, dropout_p=0.0, requested="auto"):
     # auto leaves fp32 attention (no autocast) to PyTorch: without TF32 the kernel's fp32 dots run on CUDA cores
-    # and spill (--compile-check: up to 6 KB of stack a thread on sm_90), where the bf16 ones spill nothing
+    # and spill (--compile-check: kilobytes of stack a thread), where the bf16 ones spill nothing
     if backend(q, requested, fp32=False) == "triton":
         return attention(q, k, v, key_mask, dropout_p)
     mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
