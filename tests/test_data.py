@@ -282,9 +282,13 @@ def test_randaugment_is_the_originals(monkeypatch):
     monkeypatch.setattr(data, "_randaugment_ops", lambda m: {"op": lambda im, rng: calls.append(m) or im})
     transform = data.train_transform(16, scale=(1.0, 1.0), randaugment=(2, 5), use_draft=False)
     square, rng = natural_image(16, 16, 0), random.Random(0)
+    applied = []  # ops applied per image: 0, 1 or 2, with probabilities 1/4, 1/2, 1/4 when each coin is its own
     for _ in range(1000):
+        before = len(calls)
         transform(square, rng)
-    assert abs(len(calls) - 1000) < 4 * math.sqrt(2000 * 0.25)  # 2000 draws, each applied with p = 1/2
+        applied.append(len(calls) - before)
+    counts = [applied.count(n) for n in (0, 1, 2)]
+    assert abs(counts[0] - 250) < 70 and abs(counts[1] - 500) < 80 and abs(counts[2] - 250) < 70, counts  # 5 sigma
 
 
 # -----------------------------------------------------------------------------
@@ -361,7 +365,7 @@ def test_loader_batches_mask_and_itm_balance(tok):
     batches = take("synthetic", tok, 25, batch_size=8)
     labels = torch.cat([b["itm_labels"] for b in batches])
     assert labels.float().mean().item() == 0.5  # exactly half of each batch is a negative
-    chosen = total = 0
+    chosen = total = replaced = 0
     for b in batches:
         assert b["pixel_values"].shape == (8, 3, 32, 32) and b["input_ids"].shape == (8, 24)
         rows = torch.arange(8)
@@ -371,10 +375,16 @@ def test_loader_batches_mask_and_itm_balance(tok):
         assert all(caps[int(idx[i])] != caps[i] for i in range(8) if lab[i] == 0)  # a real mismatch
         special = (b["input_ids"] == tok.cls_id) | (b["input_ids"] == tok.sep_id) | (b["attention_mask"] == 0)
         assert (b["mlm_labels"][special] == -100).all() and torch.equal(b["mlm_input_ids"][special], b["input_ids"][special])
-        chosen += (b["mlm_labels"] != -100).sum().item()
+        picked = b["mlm_labels"] != -100
+        # the labels are the clean tokens; the model's MLM input differs from the clean caption only where picked
+        assert torch.equal(b["mlm_labels"][picked], b["input_ids"][picked])
+        assert torch.equal(b["mlm_input_ids"][~picked], b["input_ids"][~picked])
+        chosen += picked.sum().item()
+        replaced += (b["mlm_input_ids"][picked] == tok.mask_id).sum().item()
         total += (~special).sum().item()
         assert b["skipped"] == 0
     assert 0.10 < chosen / total < 0.20
+    assert 0.70 < replaced / chosen < 0.90  # 80% of the picked tokens become <mask> (about 4 sigma either side)
 
 
 # -----------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def test_grad_checkpointing_same_gradients(kernels, monkeypatch):
     # dropout on: the recomputed forward must draw the same masks. The Triton attention draws its dropout seed
     # from torch's CPU generator, which the checkpoint restores (here the kernels run in Triton's interpreter).
     import bridge_kernels as bk
-    from model import BridgeTower, BridgeTowerConfig
+    from model import BridgeTower, BridgeTowerConfig, ResidualAttentionBlock, TextLayer
     if kernels == "triton" and not (bk.HAS_TRITON and bk.INTERPRET):
         pytest.skip("the Triton path on CPU tensors needs triton and TRITON_INTERPRET=1")
     monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
@@ -136,7 +136,11 @@ def test_grad_checkpointing_same_gradients(kernels, monkeypatch):
     wrapped.load_state_dict(plain.state_dict())
     pretrain.apply_grad_checkpointing(wrapped)
     assert wrapped.state_dict().keys() == plain.state_dict().keys()
-    assert any("checkpoint" in type(m).__name__.lower() for m in wrapped.modules())
+    # every text layer, vision block and cross layer (a TextLayer) is recomputed, nothing else
+    inner = [m._checkpoint_wrapped_module for m in wrapped.modules() if hasattr(m, "_checkpoint_wrapped_module")]
+    layers = [m for m in plain.modules() if isinstance(m, (TextLayer, ResidualAttentionBlock))]
+    assert [type(m).__name__ for m in inner] == [type(m).__name__ for m in layers]
+    assert {"TextLayer", "CrossLayer", "ResidualAttentionBlock"} <= {type(m).__name__ for m in inner}
     monkeypatch.setattr(pretrain, "image_size", 32)
     monkeypatch.setattr(pretrain, "max_text_len", 12)
     batch = pretrain.random_batch(2, 300, torch.Generator().manual_seed(0))  # 2 samples: the interpreter is slow

@@ -238,6 +238,12 @@ def tiny_run(tmp_path_factory):
     return {"synthetic": synthetic, "run": run, "stdout": stdout}
 
 
+def test_majority_answer():
+    # normalised as the vocabulary is ("Two" and "two." are "2"); the most frequent wins
+    annotations = [{"multiple_choice_answer": a} for a in ("Two", "yes", "2", "two.", "yes", "no", "blue")]
+    assert fv.majority_answer(annotations) == "2"
+
+
 def test_learns_far_above_the_majority_answer(tiny_run):
     line = eval_line(tiny_run["stdout"])
     # measured: vqa_acc 0.38 against 0.14 for always answering the most common training answer
@@ -286,6 +292,20 @@ def test_predict_on_saved_checkpoint(tiny_run):
     top = fv.predict_top(model, tokenizer, vocab, image, "what color is the circle?")
     assert [a for a, _ in top] == [line.split(None, 1)[1] for line in lines]
     assert [round(p, 3) for _, p in top] == scores
+    # ... and they are the sigmoid of the VQA logits (the BCE objective's probabilities), computed here directly
+    from data import eval_transform
+    from PIL import Image
+    enc = tokenizer(["what color is the circle?"], padding="longest")
+    with torch.no_grad():
+        logits = model.eval()(enc["input_ids"], attention_mask=enc["attention_mask"], heads=("vqa",),
+                              pixel_values=eval_transform(model.config.image_size)(Image.open(image))[None]).vqa_logits
+    probs, idx = logits[0].sigmoid().topk(5)
+    assert [vocab[i] for i in idx.tolist()] == [a for a, _ in top]
+    torch.testing.assert_close(torch.tensor([p for _, p in top]), probs)
+    # and the single-question path answers a val question as the batched evaluation did
+    submitted = {r["question_id"]: r["answer"] for r in json.load(open(os.path.join(run, "results_val2014.json")))}
+    for q in fv.load_questions(synthetic, "val2014")[:3]:
+        assert fv.predict_top(model, tokenizer, vocab, q["image"], q["question"], k=1)[0][0] == submitted[q["question_id"]]
 
 
 # -----------------------------------------------------------------------------
