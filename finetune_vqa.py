@@ -501,6 +501,8 @@ def prepare_data(dist):
 def holdout_images(questions):
     """The last eval_holdout images of a split (in question-file order): kept out of training, evaluated on."""
     image_ids = list(dict.fromkeys(q["image_id"] for q in questions))
+    if eval_holdout > len(image_ids):
+        raise ValueError(f"eval_holdout={eval_holdout} is more than eval_split {eval_split}'s {len(image_ids)} images")
     return set(image_ids[len(image_ids) - eval_holdout:]) if eval_holdout else set()
 
 
@@ -696,7 +698,10 @@ def main():
     else:
         vocab_annotations = []
         for split in splits_of(vocab_splits):
-            vocab_annotations += load_annotations(root, split) or []
+            split_annotations = load_annotations(root, split)
+            if split_annotations is None:  # a vocabulary from fewer splits would silently change the label set
+                raise FileNotFoundError(f"no annotations for vocab_splits' {split}: {annotations_path(root, split)}")
+            vocab_annotations += split_annotations
         answers = build_answer_vocab(vocab_annotations, min_answer_count)
         del vocab_annotations
     answer_to_label = {a: i for i, a in enumerate(answers)}
@@ -735,7 +740,7 @@ def main():
         step, skipped = ckpt["step"], ckpt.get("skipped", 0)
         tu.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_master:
-            print(f"resumed from {out_dir}/{tu.CKPT_NAME} at step {step}")
+            print(tu.resume_message(out_dir, step, ckpt["config"], config))
     else:
         torch.manual_seed(seed + dist.rank)  # each rank draws its own dropout masks
     start_step = step

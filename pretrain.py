@@ -240,9 +240,7 @@ def main():
         step, skipped, data_position = ckpt["step"], ckpt["skipped"], ckpt["data_position"]
         tu.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_master:
-            changed = {k: v for k, v in config.items() if ckpt["config"].get(k) != v and k != "resume"}
-            print(f"resumed from {out_dir}/{tu.CKPT_NAME} at step {step}" +
-                  (f"; settings that differ from the checkpointed run: {changed}" if changed else ""))
+            print(tu.resume_message(out_dir, step, ckpt["config"], config))
     else:
         torch.manual_seed(seed + dist.rank)  # each rank draws its own dropout masks
     start_step = step

@@ -87,6 +87,15 @@ def configure(globals_dict, argv=None):
     return {k: globals_dict[k] for k in keys}
 
 
+def resume_message(run_dir, step, saved, now):
+    """The resume line, with "key: old -> new" for each setting that differs from the checkpoint's config. Resuming
+    applies the new values from the checkpoint's step on (a longer max_steps, a lower lr may be intended), so they
+    are reported, not refused; what would break the data order (processes, micro-steps) is checked apart."""
+    changed = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k != "resume" and saved.get(k) != v)
+    return f"resumed from {run_dir}/{CKPT_NAME} at step {step}" + (
+        f"; settings that differ from the checkpointed run: {changed}" if changed else "")
+
+
 # -----------------------------------------------------------------------------
 # distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 

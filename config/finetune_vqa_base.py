@@ -3,7 +3,7 @@
 # train+val, 10 epochs, global batch 512, AdamW (0.9, 0.98) eps 1e-8, lr 1e-5 with 6% warmup then linear to 0,
 # weight decay 0.05 (none on biases and LayerNorms), lr x50 for the VQA head and x5 for cross_modal*, random
 # resized crop (0.5-1) + RandAugment(2, 5), square resize for evaluation, questions up to 50 tokens, BCE against
-# soft scores x 3129. bf16 autocast (the original trained in fp32 with AMP available). As in the original, every
+# soft scores x 3129. bf16 autocast (the original ran fp32, precision=32: --dtype=float32). As in the original, every
 # train and val question is trained on, so nothing is left to score locally: the test2015 answers are written to
 # results_test2015.json for the evaluation server (test-dev: --test_split=test-dev2015). For a local number, hold
 # out val images at the cost of training on fewer: --eval_split=val2014 --eval_holdout=1000 (ViLT's "minival" size).

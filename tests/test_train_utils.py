@@ -116,6 +116,13 @@ def test_checkpoint_atomic(tmp_path, monkeypatch):
     assert tu.load_latest_checkpoint(tmp_path)["step"] == 3 and not (tmp_path / "ckpt.pt.tmp").exists()
 
 
+def test_resume_message_names_changed_settings():
+    saved = {"lr": 1e-5, "max_steps": 100, "resume": False, "out_dir": "out/x"}
+    assert tu.resume_message("out/x", 40, saved, dict(saved, resume=True)) == "resumed from out/x/ckpt.pt at step 40"
+    line = tu.resume_message("out/x", 40, saved, dict(saved, resume=True, lr=2e-5, max_steps=200, seed=3))
+    assert line.endswith("differ from the checkpointed run: lr: 1e-05 -> 2e-05, max_steps: 100 -> 200, seed: None -> 3")
+
+
 def test_rng_state_roundtrip():
     import random
     import numpy as np

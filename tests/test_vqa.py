@@ -356,7 +356,8 @@ def test_missing_eval_or_test_data_fails_before_training(tiny_run, tmp_path):
     args = TINY + [f"--data_dir={root}", f"--out_dir={tmp_path / 'run'}"]
     os.remove(os.path.join(root, "v2_OpenEnded_mscoco_test-dev2015_questions.json"))
     for extra, message in ((["--test_split=test-dev2015"], "v2_OpenEnded_mscoco_test-dev2015_questions.json"),
-                           (["--eval_split=val2015"], "v2_OpenEnded_mscoco_val2015_questions.json")):
+                           (["--eval_split=val2015"], "v2_OpenEnded_mscoco_val2015_questions.json"),
+                           (["--vocab_splits=train2014,val2015"], "v2_mscoco_val2015_annotations.json")):
         out = subprocess.run([sys.executable, SCRIPT, *args, *extra], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
         assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
@@ -444,6 +445,9 @@ def test_train_plus_val_holds_out_the_last_val_images(tmp_path, monkeypatch):
     monkeypatch.setattr(fv, "eval_holdout", 0)
     with pytest.raises(ValueError, match="eval_holdout"):
         fv.load_eval_set(root, root, {})
+    monkeypatch.setattr(fv, "eval_holdout", 6)  # more than val's 5 images: an error, not a silently shorter holdout
+    with pytest.raises(ValueError, match="eval_holdout=6 is more than eval_split val2014's 5 images"):
+        fv.holdout_images(fv.load_questions(root, "val2014"))
 
 
 # -----------------------------------------------------------------------------
