@@ -1092,8 +1092,8 @@ def _bench(argv):
     batches = int(args.get("batches", 10))
     extra = [a for a in argv if not a.startswith("--")]
     torch.set_num_threads(1)  # a loader worker is one process with one thread
-    tokenizer = demo_tokenizer(tempfile.mkdtemp())
     with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = demo_tokenizer(os.path.join(tmp, "tokenizer"))
         write_demo_shards(tmp, num_shards=2, per_shard=max(64, batch_size * (batches + 2) // 2))
         specs = ["synthetic", f"wds:{tmp}/{{00000..00001}}.tar"] + extra
         print(f"images/s of ONE loader worker (decode + transform + collate), image_size {image_size}, "

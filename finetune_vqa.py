@@ -10,7 +10,8 @@ The demo and the real data take the same path: the synthetic set is written to d
 with COCO-named JPEG files (out/vqa_synthetic), then read back by the VQAv2 reader. The run directory gets
 answers.json (the answer vocabulary), metrics.jsonl, ckpt.pt, eval_<split>.json (the evaluation summary),
 results_<split>.json (predictions in the submission format, for the evaluation and the test split) and final/
-(save_pretrained, answers.json and the tokenizer files), which --predict loads.
+(save_pretrained, answers.json and the tokenizer files), which --predict loads; from random weights, also
+tokenizer/ (the demo tokenizer). `python finetune_vqa.py --help` lists every setting with its default.
 """
 
 import json
@@ -32,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pretrain
 import train_utils as tu
-from data import COLORS, SHAPES, Tokenizer, demo_tokenizer, eval_transform, make_scene, train_transform
+from data import COLORS, SHAPES, Tokenizer, eval_transform, make_scene, train_transform
 from model import BridgeTower, BridgeTowerConfig
 
 # -----------------------------------------------------------------------------
@@ -551,20 +552,6 @@ def resolve_init():
     return PRETRAIN_DEMO_MODEL if os.path.exists(os.path.join(PRETRAIN_DEMO_MODEL, "config.json")) else ""
 
 
-def load_tokenizer(init_path):
-    """(tokenizer, its directory): tokenizer_dir, else the checkpoint's own files, else the demo tokenizer."""
-    found = tu.tokenizer_dir_in(tokenizer_dir, init_path)
-    if found:
-        return Tokenizer.from_dir(found), found
-    if tokenizer_dir:
-        raise FileNotFoundError(f"no tokenizer files in tokenizer_dir={tokenizer_dir!r}")
-    if init_path:  # e.g. an original .ckpt: its token ids are RoBERTa's, which the demo tokenizer does not have
-        raise FileNotFoundError(f"no tokenizer files next to init_from={init_path!r}: set --tokenizer_dir "
-                                f"(roberta-base's vocab.json + merges.txt for the released checkpoints)")
-    cache = os.path.join(os.path.dirname(out_dir.rstrip("/")) or ".", "tokenizer")
-    return demo_tokenizer(cache_dir=cache), cache
-
-
 def build_model(init_path, vocab_size, num_answers):
     if init_path:
         # a new VQA head; the image position table is interpolated to image_size (288 -> 576 in the paper)
@@ -654,6 +641,9 @@ def predict_top(model, tokenizer, answers, image_file, text, k=5):
 
 def load_finetuned(path):
     """(model, tokenizer, answers) from a saved fine-tuned model dir."""
+    if not os.path.isfile(os.path.join(path, "answers.json")):
+        raise FileNotFoundError(f"no answers.json in {path}: --checkpoint must be a fine-tuned model directory, "
+                                "the final/ that finetune_vqa.py writes in its out_dir")
     with open(os.path.join(path, "answers.json")) as f:
         answers = json.load(f)
     return BridgeTower.from_pretrained(path), Tokenizer.from_dir(path), answers
@@ -716,7 +706,7 @@ def main():
         _write_json(os.path.join(out_dir, "answers.json"), answers)
 
     init_path = resolve_init()
-    tokenizer, tok_dir = load_tokenizer(init_path)
+    tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_path)
     torch.manual_seed(seed)  # the same initial head on every rank (DDP also broadcasts rank 0's)
     if ckpt is not None:
         model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
@@ -724,10 +714,13 @@ def main():
         if ckpt["world_size"] != dist.world_size or ckpt["accum"] != accum:
             raise ValueError(f"checkpoint was written by {ckpt['world_size']} processes x {ckpt['accum']} micro-steps; "
                              f"resuming needs the same to keep the data order")
+        weights_from = os.path.join(out_dir, tu.CKPT_NAME)
     else:
         if resume and dist.is_master:
             print(f"resume: no checkpoint in {out_dir}, starting from scratch")
         model = build_model(init_path, tokenizer.vocab_size, len(answers))
+        weights_from = init_path or "random weights"
+    tu.check_tokenizer_fits(tokenizer, tok_dir, model.config)
     model.to(dist.device)
     optimizer = make_optimizer(model, dist.device)
     steps_per_epoch = len(train_items) // batch_size
@@ -770,7 +763,7 @@ def main():
     peak = tu.peak_flops(dist.device)
     if dist.is_master:
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"model {n_params / 1e6:.2f}M parameters from {init_path or 'random weights'} at {image_size}px | "
+        print(f"model {n_params / 1e6:.2f}M parameters from {weights_from} at {image_size}px | "
               f"{dist.world_size} process(es) x {accum} micro-steps x {micro_batch_size} = batch {batch_size} | "
               f"{total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs) | device {dist.device}")
 

@@ -1,4 +1,4 @@
-"""
+r"""
 Pre-train BridgeTower with the original's two objectives, masked language modelling (MLM) and image-text
 matching (ITM), as two separate forward passes whose losses are summed.
 
@@ -11,8 +11,9 @@ matching (ITM), as two separate forward passes whose losses are summed.
   python pretrain.py config/pretrain_base.py --bench --micro_batch_size=2 --batch_size=2   # speed of the base model
 
 Configuration is the module globals below, overridden by config files and --key=value (train_utils.configure).
-The run directory (out_dir) gets metrics.jsonl, ckpt.pt (the latest checkpoint) and final/ (save_pretrained plus
-the tokenizer files), which finetune_vqa.py can start from.
+The run directory (out_dir) gets metrics.jsonl, ckpt.pt (the latest checkpoint), final/ (save_pretrained plus
+the tokenizer files), which finetune_vqa.py can start from, and, from scratch, tokenizer/ (the demo tokenizer).
+`python pretrain.py --help` lists every setting with its default.
 """
 import os
 import time
@@ -25,7 +26,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
-from data import Tokenizer, build_pretrain_loader, demo_tokenizer, parse_sources, validation_spec
+from data import build_pretrain_loader, parse_sources, validation_spec
 from model import BridgeTower, BridgeTowerConfig, ResidualAttentionBlock, TextLayer
 
 # -----------------------------------------------------------------------------
@@ -156,17 +157,6 @@ def evaluate(model, tokenizer, dist, autocast):
     return out
 
 
-def load_tokenizer():
-    """(tokenizer, its directory). The directory's files are copied next to the final model."""
-    found = tu.tokenizer_dir_in(tokenizer_dir, init_from, text_init)
-    if found:
-        return Tokenizer.from_dir(found), found
-    if tokenizer_dir:
-        raise FileNotFoundError(f"no tokenizer files in tokenizer_dir={tokenizer_dir!r}")
-    cache = os.path.join(os.path.dirname(out_dir.rstrip("/")) or ".", "tokenizer")
-    return demo_tokenizer(cache_dir=cache), cache
-
-
 def build_model(vocab_size):
     if init_from:
         return BridgeTower.from_pretrained(init_from, image_size=image_size, heads=HEADS)
@@ -220,7 +210,7 @@ def main():
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     parse_sources(eval_spec(), "val", image_size)  # a missing or empty validation source: an error before training
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    tokenizer, tok_dir = load_tokenizer()
+    tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_from, text_init=text_init)
     ckpt = tu.load_latest_checkpoint(out_dir, dist=dist) if resume else None
     if ckpt is not None:
         model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
@@ -232,6 +222,7 @@ def main():
         if resume and dist.is_master:
             print(f"resume: no checkpoint in {out_dir}, starting from scratch")
         model = build_model(tokenizer.vocab_size)
+    tu.check_tokenizer_fits(tokenizer, tok_dir, model.config)
     model.to(dist.device)
     optimizer = make_optimizer(model, dist.device)
     step, skipped, data_position = 0, 0, 0

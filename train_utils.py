@@ -57,11 +57,19 @@ def configure(globals_dict, argv=None):
 
     Each argument is a config file (a Python file of assignments, e.g. config/pretrain_base.py) or
     --key=value (value parsed as a Python literal, a bare word is a string; --key alone sets a bool to True).
-    Later arguments win. A key the script does not define, or a value of another type, is an error naming it.
+    Later arguments win. A key the script does not define, a value of another type, or one key in consecutive
+    arguments is an error naming it. The last catches an unquoted shell pattern: --data=wds:cc3m/{00000..00331}.tar
+    reaches us as one --data argument per shard, of which only the last would be kept. --help prints the script's
+    docstring and every setting.
     """
     argv = sys.argv[1:] if argv is None else argv
     keys = _config_keys(globals_dict)
+    if "--help" in argv or "-h" in argv:
+        print((globals_dict.get("__doc__") or "").strip() + "\n\nsettings and their defaults:")
+        print("\n".join(f"  --{k}={globals_dict[k]!r}" for k in keys))
+        sys.exit(0)
     verbose = os.environ.get("RANK", "0") == "0"
+    previous_key = None
     for arg in argv:
         if not arg.startswith("--"):
             ns = {}
@@ -69,15 +77,20 @@ def configure(globals_dict, argv=None):
                 exec(compile(f.read(), arg, "exec"), ns)
             overrides = {k: ns[k] for k in _config_keys(ns)}
             source = arg
+            previous_key = None
         else:
             key, eq, raw = arg[2:].partition("=")
             if key not in keys:
                 raise ValueError(f"unknown config key {key!r} (from {arg!r})")
+            if key == previous_key:
+                raise ValueError(f"config key {key!r} in consecutive arguments (the second is {arg!r}): quote a "
+                                 "value that the shell would expand into several arguments")
             default = globals_dict[key]
             if not eq and type(default) is not bool:
                 raise ValueError(f"config key {key!r} needs a value: --{key}=...")
             overrides = {key: _parse_value(raw, default) if eq else True}
             source = "command line"
+            previous_key = key
         for key, value in overrides.items():
             if key not in keys:
                 raise ValueError(f"unknown config key {key!r} (from {source})")
@@ -91,7 +104,8 @@ def resume_message(run_dir, step, saved, now):
     """The resume line, with "key: old -> new" for each setting that differs from the checkpoint's config. Resuming
     applies the new values from the checkpoint's step on (a longer max_steps, a lower lr may be intended), so they
     are reported, not refused; what would break the data order (processes, micro-steps) is checked apart."""
-    changed = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k != "resume" and saved.get(k) != v)
+    changed = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
+                        if k != "resume" and saved.get(k) != v)
     return f"resumed from {run_dir}/{CKPT_NAME} at step {step}" + (
         f"; settings that differ from the checkpointed run: {changed}" if changed else "")
 
@@ -166,7 +180,7 @@ def sum_over_ranks(count, dist):
 
 
 # -----------------------------------------------------------------------------
-# optimiser groups and learning-rate schedule
+# tokenizer files
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")  # what a model directory carries besides weights
 
@@ -179,11 +193,45 @@ def tokenizer_dir_in(*dirs):
     return None
 
 
+def load_tokenizer(tokenizer_dir, out_dir, **checkpoints):
+    """(tokenizer, its directory, whose files go next to the final model): tokenizer_dir, else the first of the
+    `checkpoints` (init_from=..., text_init=...) that carries tokenizer files, else, for a model trained from
+    scratch, the demo tokenizer cached in out_dir/tokenizer. A checkpoint without tokenizer files is an error: its
+    token ids are another tokenizer's (RoBERTa's, for the released weights), not the demo tokenizer's."""
+    from data import Tokenizer, demo_tokenizer
+    for key, path in checkpoints.items():
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
+    if tokenizer_dir:
+        if not tokenizer_dir_in(tokenizer_dir):
+            raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in "
+                                    f"tokenizer_dir={tokenizer_dir!r}")
+        return Tokenizer.from_dir(tokenizer_dir), tokenizer_dir
+    found = tokenizer_dir_in(*checkpoints.values())
+    if found:
+        return Tokenizer.from_dir(found), found
+    given = " or ".join(f"{key}={path!r}" for key, path in checkpoints.items() if path)
+    if given:
+        raise FileNotFoundError(f"no tokenizer files next to {given}: set --tokenizer_dir (roberta-base's "
+                                "vocab.json + merges.txt for the released checkpoints)")
+    cache = os.path.join(out_dir, "tokenizer")
+    return demo_tokenizer(cache_dir=cache), cache
+
+
+def check_tokenizer_fits(tokenizer, tokenizer_dir, config):
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} token ids, more than the "
+                         f"model's {config.vocab_size} word embeddings: a tokenizer from another model?")
+
+
 def copy_tokenizer(src_dir, dst_dir):
     for f in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src_dir, f)):
             shutil.copy(os.path.join(src_dir, f), dst_dir)
 
+
+# -----------------------------------------------------------------------------
+# optimiser groups and learning-rate schedule
 
 def accumulation_steps(batch_size, micro_batch_size, world_size):
     """Micro-steps per optimiser step, so that the global batch is the same whatever the number of processes."""

@@ -45,6 +45,25 @@ def test_configure_rejects_bad_overrides(argv, match):
         tu.configure(_defaults(), argv)
 
 
+def test_configure_key_in_consecutive_arguments(tmp_path):
+    # bash turns an unquoted --out_dir=x/{a,b} into two --out_dir arguments in a row (a shard pattern into one a
+    # shard): keeping the last one would silently drop the others
+    with pytest.raises(ValueError, match="'out_dir' in consecutive arguments .*'--out_dir=x/b'"):
+        tu.configure(_defaults(), ["--lr=0.1", "--out_dir=x/a", "--out_dir=x/b"])
+    # overriding a list of base arguments later on is fine: the last wins
+    assert tu.configure(_defaults(), ["--lr=0.1", "--batch_size=8", "--lr=0.2"])["lr"] == 0.2
+    cfg = tmp_path / "c.py"
+    cfg.write_text("lr = 1e-4\n")
+    assert tu.configure(_defaults(), [str(cfg), "--lr=0.2"])["lr"] == 0.2  # a file, then the command line
+
+
+def test_configure_help(capsys):
+    with pytest.raises(SystemExit):
+        tu.configure(dict(_defaults(), __doc__="A training script."), ["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("A training script.") and "  --batch_size=32\n" in out and "  --betas=(0.9, 0.98)" in out
+
+
 def test_configure_unknown_key_in_file(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("batch_size = 8\nlearning_rate = 1e-4\n")
@@ -121,6 +140,27 @@ def test_resume_message_names_changed_settings():
     assert tu.resume_message("out/x", 40, saved, dict(saved, resume=True)) == "resumed from out/x/ckpt.pt at step 40"
     line = tu.resume_message("out/x", 40, saved, dict(saved, resume=True, lr=2e-5, max_steps=200, seed=3))
     assert line.endswith("differ from the checkpointed run: lr: 1e-05 -> 2e-05, max_steps: 100 -> 200, seed: None -> 3")
+
+
+def test_load_tokenizer_never_pairs_a_checkpoint_with_the_demo_tokenizer(tmp_path):
+    from model import BridgeTowerConfig
+    out = str(tmp_path / "run")
+    tokenizer, where = tu.load_tokenizer("", out, init_from="", text_init="")  # from scratch: the demo tokenizer
+    assert where == os.path.join(out, "tokenizer") and os.path.isfile(os.path.join(where, "vocab.json"))
+    assert tu.load_tokenizer("", out, init_from=where)[1] == where  # a directory with tokenizer files: its own
+    weights_only = tmp_path / "hf"  # e.g. transformers' save_pretrained of the model alone, or a .ckpt file
+    weights_only.mkdir()
+    (weights_only / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no tokenizer files next to text_init=.*hf.*set --tokenizer_dir"):
+        tu.load_tokenizer("", out, init_from="", text_init=str(weights_only))
+    assert tu.load_tokenizer(where, out, init_from=str(weights_only))[1] == where
+    with pytest.raises(FileNotFoundError, match="init_from='/nowhere/x.ckpt': no such file"):
+        tu.load_tokenizer("", out, init_from="/nowhere/x.ckpt")
+    with pytest.raises(FileNotFoundError, match="no tokenizer files .* in tokenizer_dir="):
+        tu.load_tokenizer(str(weights_only), out, init_from="")
+    tu.check_tokenizer_fits(tokenizer, where, BridgeTowerConfig.preset("tiny", vocab_size=tokenizer.vocab_size))
+    with pytest.raises(ValueError, match=f"{tokenizer.vocab_size} token ids, more than the model's 100"):
+        tu.check_tokenizer_fits(tokenizer, where, BridgeTowerConfig.preset("tiny", vocab_size=100))
 
 
 def test_rng_state_roundtrip():

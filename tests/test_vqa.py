@@ -238,6 +238,11 @@ def tiny_run(tmp_path_factory):
     return {"synthetic": synthetic, "run": run, "stdout": stdout}
 
 
+def test_predict_needs_a_finetuned_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no answers.json in .*: --checkpoint must be a fine-tuned model"):
+        fv.load_finetuned(str(tmp_path))
+
+
 def test_majority_answer():
     # normalised as the vocabulary is ("Two" and "two." are "2"); the most frequent wins
     annotations = [{"multiple_choice_answer": a} for a in ("Two", "yes", "2", "two.", "yes", "no", "blue")]
