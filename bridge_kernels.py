@@ -12,7 +12,8 @@ reference, and a benchmark under __main__.
    PyTorch's own flash attention refuses any mask, so every padded text call falls back to slower
    kernels there.
 
-model.py calls only the dispatcher: backend(), bridge_add_layer_norm(), bridge_attention().
+model.py calls only bridge_add_layer_norm() and bridge_attention(), which ask the dispatcher, backend(),
+which path to take.
 add_layer_norm() and attention() always run Triton: on a CPU that needs TRITON_INTERPRET=1 set
 before triton is imported.
 """
@@ -94,7 +95,8 @@ def _add_ln_fwd_kernel(
     N, eps,
     LINK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # one program per row: a whole row (<= 64K elements) sits in registers, so the sum is read once
+    # one program per row: a whole row (<= 64 KiB in the I/O dtype, 16K fp32 / 32K bf16 columns) sits in
+    # registers, so the sum is read once
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -210,7 +212,7 @@ def _num_programs(device):
         return 4  # the interpreter: few programs, each a python loop over rows
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * _SM_COUNT[device]
+    return 4 * _SM_COUNT[device]  # a few per SM: the GPU stays busy, and few partial weight grads to sum
 
 
 class _AddLayerNorm(torch.autograd.Function):
@@ -319,6 +321,9 @@ def add_layer_norm_ref(h, c, weight, bias, eps=1e-5, link_type="add", scalar=Non
 # -----------------------------------------------------------------------------
 # Fused attention with key padding mask and in-kernel dropout
 
+MAX_HEAD_DIM = 128
+_LOG2E = tl.constexpr(1.4426950408889634)  # the softmax runs in base 2: exp(x) = exp2(x * log2(e))
+
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
     if _UPCAST_DOT:
@@ -360,7 +365,7 @@ else:
         for bm, bn, w, s in [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)]
     ]
     if os.environ.get("BRIDGETOWER_AUTOTUNE", "1") == "0":
-        # one config a kernel (the smallest, which fits every dtype and head dim): for correctness runs such as
+        # one config a kernel (the last, which fits every dtype at head dims up to 128): for correctness runs such as
         # gpu_checks.sh's kernel tests, where tuning would compile every config for every variant
         _FWD_CONFIGS, _BWD_KV_CONFIGS, _BWD_Q_CONFIGS = _FWD_CONFIGS[-1:], _BWD_KV_CONFIGS[-1:], _BWD_Q_CONFIGS[-1:]
 _ATTN_KEY = ["BLOCK_D", "HAS_MASK", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"]
@@ -381,6 +386,7 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # one program owns BLOCK_M queries of one (batch, head) and walks all keys with an online softmax
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -393,7 +399,7 @@ def _attn_fwd_kernel(
                 mask=(rows[:, None] < Lq) & d_mask[None, :], other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    qk_scale = sm_scale * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -496,7 +502,7 @@ def _attn_bwd_dkdv_kernel(
     DO += b * stride_dob + h * stride_doh
     LSE += bh.to(tl.int64) * Lq
     Delta += bh.to(tl.int64) * Lq
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, Lq, BLOCK_M):
@@ -562,7 +568,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + bh.to(tl.int64) * Lq + rows, mask=rows < Lq, other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         cols = start_n + offs_n
@@ -593,6 +599,7 @@ def _empty_bhld(b, h, l, d, like):
 
 
 def _bucket(n):
+    # the autotune key: lengths past 2048 (BridgeTower's longest is 1297) share one tuning
     return min(max(triton.next_power_of_2(n), 16), 2048)
 
 
@@ -665,7 +672,7 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0):
     """softmax(q k^T / sqrt(D), keys masked) v, flash-attention style, in Triton.
 
     q (B,H,Lq,D), k and v (B,H,Lk,D): fp32, bf16 or fp16, one dtype; any strides (views of a packed
-    projection are read in place); D <= 256. key_mask (B,Lk): nonzero/True = attend, any pattern.
+    projection are read in place); D <= 128 (tested at 32, 64, 128). key_mask (B,Lk): nonzero/True = attend, any pattern.
     A query whose keys are all masked gets output 0 and zero gradients (PyTorch's SDPA also gives 0).
     dropout_p: dropout on the attention probabilities, drawn in the kernel from a seed taken from
     torch's CPU generator; the model passes 0.0 in eval. The output is a (B,H,Lq,D) view of a
@@ -679,8 +686,8 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0):
         raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"attention: q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if D > 256:
-        raise ValueError(f"attention: head dim {D} > 256")
+    if D > MAX_HEAD_DIM:  # at 256 the fp32 backward's blocks exceed shared memory on sm_80 and sm_90
+        raise ValueError(f"attention: head dim {D} > {MAX_HEAD_DIM}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if key_mask is not None:
@@ -714,19 +721,18 @@ def attention_ref(q, k, v, key_mask=None, dropout_p=0.0, dropout_mask=None):
 BACKENDS = ("auto", "triton", "torch")
 
 
-def backend(x, requested="auto", fp32=True):
+def backend(x, requested="auto", fits=True):
     """'triton' or 'torch' for a tensor on x's device. BRIDGETOWER_KERNELS (auto|triton|torch), if
     set, wins over `requested`. auto: triton on CUDA when triton imports, torch elsewhere, and torch
     while torch.compile traces: inductor fuses add + LayerNorm itself, and these kernels are not
     registered custom ops (Dynamo would meet the dropout seed, a host value, at every attention).
-    fp32=False: auto takes torch for an fp32 x too (attention: see bridge_attention)."""
+    fits=False: auto takes torch, where the kernel is known to lose or not to apply (see bridge_attention)."""
     choice = os.environ.get("BRIDGETOWER_KERNELS", "").strip().lower() or requested
     if choice not in BACKENDS:
         raise ValueError(f"kernels must be one of {BACKENDS} (BRIDGETOWER_KERNELS or config), got {choice!r}")
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        fits = fp32 or x.dtype != torch.float32
         return "triton" if HAS_TRITON and x.is_cuda and fits and not torch.compiler.is_compiling() else "torch"
     if not HAS_TRITON:
         raise RuntimeError("kernels='triton' but triton is not installed (pip install triton, or use 'torch')")
@@ -745,7 +751,8 @@ def bridge_add_layer_norm(h, c, weight, bias, eps, link_type="add", scalar=None,
 def bridge_attention(q, k, v, key_mask=None, dropout_p=0.0, requested="auto"):
     # auto leaves fp32 attention (no autocast) to PyTorch: without TF32 the kernel's fp32 dots run on CUDA cores
     # and spill (--compile-check: kilobytes of stack a thread), where the bf16 ones spill nothing
-    if backend(q, requested, fp32=False) == "triton":
+    fits = q.dtype != torch.float32 and q.shape[-1] <= MAX_HEAD_DIM
+    if backend(q, requested, fits) == "triton":
         return attention(q, k, v, key_mask, dropout_p)
     mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -919,7 +926,7 @@ def bench_attention(batch, dtype, heads=12, head_dim=64,
 
 
 def summarize(ln_rows, attn_rows):
-    """The issue's targets against the measured forward+backward speed-ups (lowest and geometric mean over
+    """The README's targets (Benchmarks) against the measured forward+backward speed-ups (lowest and geometric mean over
     the shapes); returns {target: met?}. Where a kernel misses, the faster path should be the default."""
     targets = [
         ("add+LayerNorm vs eager", [r["vs_eager"] for r in ln_rows if r["passes"] == "fwd+bwd"], 1.5),

@@ -4,7 +4,8 @@ top layers feed, through "bridge" layers, a cross-modal encoder of two BERT-styl
 
 Read top to bottom:
   1. BridgeTowerConfig           every number that changes the math, with presets tiny / base / large
-  2. attention, add_layer_norm   the two hot spots; both go through bridge_kernels' dispatcher (Triton on CUDA)
+  2. attention, add_layer_norm   the two hot spots; both go through bridge_kernels' dispatcher (Triton on CUDA,
+                                 except fp32 attention, which stays on PyTorch's SDPA)
   3. modules                     RoBERTa, CLIP ViT, cross layers, bridges, heads; named after the Hugging Face
                                  keys, so that an HF checkpoint loads by stripping the `bridgetower.` prefix
   4. BridgeTower                 the forward schedule and the heads (MLM, ITM, ITC, VQA)
@@ -26,13 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bridge_kernels import bridge_add_layer_norm, bridge_attention
+from bridge_kernels import BACKENDS, LINK_TYPES, bridge_add_layer_norm, bridge_attention
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
 HEADS = ("mlm", "itm", "itc", "vqa")
-LINK_TOWER_TYPES = ("add", "scaled_add", "interpolate")
 
 
 @dataclass
@@ -44,7 +44,7 @@ class BridgeTowerConfig:
     hidden_size: int = 768                # width of the text encoder and of both cross-modal streams
     num_heads: int = 12                   # attention heads of the text and cross-modal layers
     intermediate_size: int = 3072         # FFN width of the text and cross-modal layers
-    text_layers: int = 12                 # RoBERTa layers; the top `cross_layers` of them are bridged
+    text_layers: int = 12                 # RoBERTa layers; the top `cross_layers` feed the cross-modal encoder
     # image encoder (CLIP ViT); its heads are vision_width // 64, as CLIP fixes them
     vision_width: int = 768               # CLIP transformer width
     vision_layers: int = 12               # CLIP blocks; block i runs beside text layer i (blocks >= text_layers idle)
@@ -72,8 +72,8 @@ class BridgeTowerConfig:
         problems = []
         if not set(self.heads) <= set(HEADS):
             problems.append(f"heads {self.heads} not a subset of {HEADS}")
-        if self.link_tower_type not in LINK_TOWER_TYPES:
-            problems.append(f"link_tower_type {self.link_tower_type!r} not one of {LINK_TOWER_TYPES}")
+        if self.link_tower_type not in LINK_TYPES:
+            problems.append(f"link_tower_type {self.link_tower_type!r} not one of {tuple(LINK_TYPES)}")
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} not a multiple of num_heads {self.num_heads}")
         if self.vision_width % 64:
@@ -86,8 +86,8 @@ class BridgeTowerConfig:
         if "itc" in self.heads and not self.share_cross_modal_transform:
             # HF's ITC image embedding goes through the shared image transform; HF crashes without one
             problems.append("the itc head needs share_cross_modal_transform=True")
-        if self.kernels not in ("auto", "triton", "torch"):
-            problems.append(f"kernels {self.kernels!r} not one of auto, triton, torch")
+        if self.kernels not in BACKENDS:
+            problems.append(f"kernels {self.kernels!r} not one of {BACKENDS}")
         if problems:
             raise ValueError("BridgeTowerConfig: " + "; ".join(problems))
 
@@ -117,6 +117,7 @@ class BridgeTowerConfig:
 # -----------------------------------------------------------------------------
 # 2. The two functions every layer goes through. bridge_kernels decides Triton (CUDA) or PyTorch:
 #    its torch path is F.scaled_dot_product_attention with a boolean key mask, and F.layer_norm(h + c).
+#    (bridge_kernels.attention and .add_layer_norm, by contrast, always run the Triton kernels.)
 
 def attention(q, k, v, key_mask=None, dropout_p=0.0, kernels="auto"):
     """softmax(q k^T / sqrt(d)) v for q (B,H,Lq,d), k/v (B,H,Lk,d). key_mask (B,Lk) bool, True = attend, or None
@@ -131,11 +132,13 @@ def add_layer_norm(h, c, norm, link_type="add", scalar=None, kernels="auto"):
 
 
 def split_heads(x, num_heads):
+    """(B, L, D) -> (B, heads, L, D / heads), a view"""
     B, L, D = x.shape
     return x.view(B, L, num_heads, D // num_heads).transpose(1, 2)
 
 
 def merge_heads(x):
+    """(B, heads, L, d) -> (B, L, heads * d)"""
     B, H, L, d = x.shape
     return x.transpose(1, 2).reshape(B, L, H * d)
 
@@ -268,7 +271,8 @@ class VisionEmbeddings(nn.Module):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the model takes "
                              f"{self.image_size}x{self.image_size}; load it with image_size=... to resize its "
                              "position table")
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, W, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid * grid, W): one token a patch
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight
 
@@ -277,9 +281,9 @@ class PackedAttention(nn.Module):
     """CLIP self-attention with nn.MultiheadAttention's parameter names (packed q,k,v `in_proj_weight`), run
     batch-first, so no sequence-first permutes."""
 
-    def __init__(self, width, kernels):
+    def __init__(self, width, num_heads, kernels):
         super().__init__()
-        self.num_heads = width // 64
+        self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -288,6 +292,7 @@ class PackedAttention(nn.Module):
     def forward(self, x):
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        # each (B, heads, L, d): strided views of the packed projection, no copy
         q, k, v = qkv.view(B, L, 3, self.num_heads, W // self.num_heads).permute(2, 0, 3, 1, 4)
         return self.out_proj(merge_heads(attention(q, k, v, None, 0.0, self.kernels)))  # images are never masked
 
@@ -308,7 +313,7 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
         W, eps = config.vision_width, config.layer_norm_eps
-        self.attn = PackedAttention(W, config.kernels)
+        self.attn = PackedAttention(W, config.vision_heads, config.kernels)
         self.ln_1 = nn.LayerNorm(W, eps=eps)
         self.mlp = MLP(W)
         self.ln_2 = nn.LayerNorm(W, eps=eps)
@@ -319,7 +324,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """HF `vision_model.visual`. ln_post is shared by every block output that feeds a bridge."""
+    """HF `vision_model.visual`. ln_post is shared by every block output that feeds the cross-modal encoder.
+    No forward: BridgeTower._encode runs the blocks in lock-step with the text layers."""
 
     def __init__(self, config):
         super().__init__()
@@ -345,8 +351,8 @@ class LinkTower(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, h, c):
-        scalar = {"add": None, "scaled_add": getattr(self, "scaled_factor", None),
-                  "interpolate": getattr(self, "beta", None)}[self.link_type]
+        scalar = (self.scaled_factor if self.link_type == "scaled_add" else
+                  self.beta if self.link_type == "interpolate" else None)
         return add_layer_norm(h, c, self.LayerNorm, self.link_type, scalar, self.kernels)
 
 
@@ -396,7 +402,7 @@ def vqa_classifier(config):
 def contrastive_loss(text_embeds, image_embeds, cross_embeds, logit_scale):
     """HF BridgeTowerForContrastiveLearning's loss: the mean of three one-directional (row-wise) cross-entropies,
     text->image, text->cross, image->cross, over exp(logit_scale)-scaled cosine similarities; pair i matches i.
-    logit_scale is the model's parameter (a log), the embeddings are L2-normalised (B, 512)."""
+    logit_scale is the model's parameter (a log), the embeddings are L2-normalised (B, contrastive_hidden_size)."""
     scale = logit_scale.exp()
     labels = torch.arange(text_embeds.shape[0], device=text_embeds.device)
     pairs = ((text_embeds, image_embeds), (text_embeds, cross_embeds), (image_embeds, cross_embeds))
@@ -410,9 +416,9 @@ class BridgeTowerOutput:
     pooler_output: Optional[torch.Tensor] = None   # (B, 2H) [tanh(text CLS) | tanh(image CLS)]; None as above
     mlm_logits: Optional[torch.Tensor] = None      # (B, T, V), or (N, V) at mlm_positions
     itm_logits: Optional[torch.Tensor] = None      # (B, 2), class 1 = match
-    text_embeds: Optional[torch.Tensor] = None     # (B, 512) ITC, L2-normalised
-    image_embeds: Optional[torch.Tensor] = None    # (B, 512) ITC
-    cross_embeds: Optional[torch.Tensor] = None    # (B, 512) ITC
+    text_embeds: Optional[torch.Tensor] = None     # (B, contrastive_hidden_size) ITC, L2-normalised
+    image_embeds: Optional[torch.Tensor] = None    # (B, contrastive_hidden_size) ITC
+    cross_embeds: Optional[torch.Tensor] = None    # (B, contrastive_hidden_size) ITC
     vqa_logits: Optional[torch.Tensor] = None      # (B, num_vqa_answers)
 
 
@@ -499,7 +505,7 @@ class BridgeTower(nn.Module):
 
     def _encode(self, input_ids, pixel_values, key_mask, skip_last_image_layer=False):
         """The BridgeTower schedule. Text layer i and image block i run in lock-step; the top N of them each feed
-        one cross layer: layer 0 through the first-layer LayerNorms, layers 1..N-1 through the bridges.
+        one cross layer: cross layer 0 through the first-layer LayerNorms, cross layers 1..N-1 through the bridges.
         Both streams of cross layer k attend to the *inputs* of the other stream at layer k.
         Returns the last uni-modal text states, both cross-modal outputs and the last bridge's image input."""
         c = self.config
@@ -510,14 +516,14 @@ class BridgeTower(nn.Module):
 
         t = self.text_model.embeddings(input_ids)
         v = self.vision_model.visual.ln_pre(self.vision_model.visual.embeddings(pixel_values))
-        first_bridged = c.text_layers - c.cross_layers
-        for i in range(first_bridged):
+        first_fed = c.text_layers - c.cross_layers
+        for i in range(first_fed):
             t, v = text_layers[i](t, key_mask), blocks[i](v)
         for k in range(c.cross_layers):
-            i = first_bridged + k
+            i = first_fed + k
             t, v = text_layers[i](t, key_mask), blocks[i](v)
-            text_input = self._transform(self.cross_modal_text_transform, k, t) + text_type
-            image_input = self._transform(self.cross_modal_image_transform, k, ln_post(v)) + image_type
+            text_input = self._project(self.cross_modal_text_transform, k, t) + text_type
+            image_input = self._project(self.cross_modal_image_transform, k, ln_post(v)) + image_type
             if k == 0:
                 xt, xi = self.cross_modal_text_layernorm(text_input), self.cross_modal_image_layernorm(image_input)
             else:
@@ -531,7 +537,8 @@ class BridgeTower(nn.Module):
         return t, ct, ci, image_input
 
     @staticmethod
-    def _transform(transform, k, x):
+    def _project(transform, k, x):
+        """The shared projection W, or cross layer k's own when share_cross_modal_transform=False."""
         return transform(x) if isinstance(transform, nn.Linear) else transform[k](x)
 
     @classmethod
@@ -1006,7 +1013,7 @@ def read_roberta(directory, config):
     return {"text_model." + k: v for k, v in state.items()}, source, notes
 
 
-HF_CLIP_RENAMES = (("pre_layrnorm.", "ln_pre."), ("post_layernorm.", "ln_post."),
+HF_CLIP_RENAMES = (("pre_layrnorm.", "ln_pre."), ("post_layernorm.", "ln_post."),  # sic: HF CLIP's "layrnorm"
                    ("encoder.layers.", "transformer.resblocks."), (".self_attn.out_proj.", ".attn.out_proj."),
                    (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."),
                    (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."))

@@ -259,6 +259,11 @@ def test_attention_argument_errors():
         bk.attention(q, q, q, dropout_p=1.0)
     with pytest.raises(ValueError, match="share"):
         bk.attention(q, q.double(), q)
+    wide = torch.randn(1, 1, 4, 256)  # the fp32 backward's blocks would not fit in shared memory
+    with pytest.raises(ValueError, match="head dim 256 > 128"):
+        bk.attention(wide, wide, wide)
+    with pytest.raises(ValueError, match="width 16385 too large"):  # a row must fit in registers: 64 KiB
+        bk.add_layer_norm(torch.randn(2, 16385), torch.randn(2, 16385), torch.ones(16385), torch.zeros(16385))
 
 
 # -----------------------------------------------------------------------------
@@ -337,12 +342,19 @@ def test_backend_choice(monkeypatch):
     monkeypatch.delenv("BRIDGETOWER_KERNELS")
     cuda_tensor = types.SimpleNamespace(is_cuda=True)
     assert bk.backend(cuda_tensor) == ("triton" if bk.HAS_TRITON else "torch")
-    # attention (fp32=False) leaves fp32 to PyTorch under auto: the kernel's fp32 dots spill; forcing still works
-    fp32, bf16 = (types.SimpleNamespace(is_cuda=True, dtype=dt) for dt in (torch.float32, torch.bfloat16))
-    assert bk.backend(fp32, fp32=False) == "torch" and bk.backend(fp32) == bk.backend(cuda_tensor)
-    assert bk.backend(bf16, fp32=False) == bk.backend(cuda_tensor)
+    # fits=False: auto takes PyTorch, forcing still takes Triton
+    assert bk.backend(cuda_tensor, fits=False) == "torch"
     if bk.HAS_TRITON:
-        assert bk.backend(fp32, "triton", fp32=False) == "triton"
+        assert bk.backend(cuda_tensor, "triton", fits=False) == "triton"
+    # attention leaves fp32 (the kernel's fp32 dots spill) and head dims over 128 to PyTorch under auto
+    asked = []
+    monkeypatch.setattr(bk, "backend", lambda x, requested, fits: asked.append(fits) or "torch")
+    for dtype, d in ((torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256)):
+        q = torch.zeros(1, 1, 2, d, dtype=dtype)
+        bk.bridge_attention(q, q, q)
+    assert asked == [False, True, True, False]
+    monkeypatch.undo()
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert bk.backend(cuda_tensor) == "torch"
     if bk.HAS_TRITON:
