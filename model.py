@@ -72,6 +72,14 @@ class BridgeTowerConfig:
         problems = []
         if not set(self.heads) <= set(HEADS):
             problems.append(f"heads {self.heads} not a subset of {HEADS}")
+        sizes = ("vocab_size", "max_position_embeddings", "hidden_size", "num_heads", "intermediate_size",
+                 "text_layers", "vision_width", "vision_layers", "patch_size", "image_size", "cross_layers",
+                 "num_vqa_answers", "contrastive_hidden_size")
+        problems += [f"{name} {getattr(self, name)} not positive" for name in sizes if getattr(self, name) <= 0]
+        if problems:  # before the divisibility checks below
+            raise ValueError("BridgeTowerConfig: " + "; ".join(problems))
+        if not (0 <= self.hidden_dropout < 1 and 0 <= self.attention_dropout < 1):
+            problems.append(f"dropouts {self.hidden_dropout}, {self.attention_dropout} not in [0, 1)")
         if self.link_tower_type not in LINK_TYPES:
             problems.append(f"link_tower_type {self.link_tower_type!r} not one of {tuple(LINK_TYPES)}")
         if self.hidden_size % self.num_heads:
@@ -549,6 +557,10 @@ class BridgeTower(nn.Module):
         config_overrides replace config fields, e.g. image_size=576 (the position table is resized bicubically)
         or heads=("vqa",) (a requested head absent from the file is freshly initialised, a head in the file that
         is not requested is dropped; both are reported). Returns the model in train mode, like any nn.Module."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint (an HF directory or an original .ckpt)")
+        if os.path.basename(path) in ("model.safetensors", "pytorch_model.bin", "config.json"):
+            path = os.path.dirname(path) or "."  # a file of an HF directory: the directory
         if os.path.isdir(path):
             state, config_kwargs, source, notes = read_hf_checkpoint(path)
         else:
@@ -754,10 +766,13 @@ def resize_position_table_in(state, config, source):
 
 
 def load_weights_file(path):
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, not a weights file: name the file, keep the reason
+        raise CheckpointError(f"{path}: cannot be read as a weights file ({type(e).__name__}: {e})") from e
 
 
 def read_hf_weights(directory):
@@ -783,7 +798,10 @@ def read_json(directory, name="config.json"):
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 # ---- BridgeTower checkpoints: HF directories (ours included) and original Lightning files
@@ -943,13 +961,21 @@ class _TensorsOnlyPickle:  # the pickle_module torch.load uses for it
 def read_original_checkpoint(path):
     """(state, config kwargs, source, report lines) of an original microsoft/BridgeTower Lightning .ckpt."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning pickles more than tensors (hyper_parameters: the training config's objects). Only the tensors
-        # are needed: the rest is read as inert placeholders rather than by a full, code-running unpickling.
-        print(f"{path}: holds objects other than tensors; reading it with those replaced by placeholders")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Lightning pickles more than tensors (hyper_parameters: the training config's objects). Only the
+            # tensors are needed: the rest is read as inert placeholders, not by a full, code-running unpickling.
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
+            print(f"{path}: holds objects other than tensors; read with those replaced by placeholders")
+    except Exception as e:  # empty, truncated, not a PyTorch file
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(ckpt, dict) and {"model", "model_config", "optimizer"} <= set(ckpt):
+        raise CheckpointError(f"{path} is a training checkpoint of this project's scripts: resume its run with "
+                              "--resume and its --out_dir, or start from the run's final/ directory")
     raw = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    if not isinstance(raw, dict) or not all(torch.is_tensor(v) for v in raw.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors (a pickled module? save its state_dict())")
     state, notes = drop_ignored(raw, IGNORED_ORIGINAL)
     unsupported = sorted({k.split(".")[0] for k in state if k.split(".")[0] in ORIGINAL_ONLY_HEADS})
     if unsupported:

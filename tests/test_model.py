@@ -487,6 +487,28 @@ def test_errors_name_the_file_and_keys(tmp_path):
     with pytest.raises(CheckpointError, match=r"bad_positions.ckpt: .*position_embedding.weight has 16 rows"):
         BridgeTower.from_pretrained(str(tmp_path / "bad_positions.ckpt"))
 
+    # files that are not checkpoints at all: errors that name them, not torch's or safetensors' tracebacks
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt: no such checkpoint"):
+        BridgeTower.from_pretrained(str(tmp_path / "nowhere.ckpt"))
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.ckpt: cannot be read as a checkpoint"):
+        BridgeTower.from_pretrained(str(tmp_path / "empty.ckpt"))
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")  # a whole pickled module, not its state dict
+    with pytest.raises(CheckpointError, match="module.pt: holds no state dict of tensors"):
+        BridgeTower.from_pretrained(str(tmp_path / "module.pt"))
+    torch.save({"model": {}, "model_config": {}, "optimizer": {}, "step": 3}, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="ckpt.pt is a training checkpoint of this project's scripts"):
+        BridgeTower.from_pretrained(str(tmp_path / "ckpt.pt"))
+    fresh = saved(T.BridgeTowerForImageAndTextRetrieval(hf_tiny_config()), tmp_path, "fresh")
+    fresh_weights = os.path.join(fresh, "model.safetensors")
+    assert BridgeTower.from_pretrained(fresh_weights).config.heads == ("itm",)  # a file of the directory: the directory
+    open(fresh_weights, "r+b").truncate(1000)
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot be read as a weights file"):
+        BridgeTower.from_pretrained(fresh)
+    open(config_path, "w").write("{")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        BridgeTower.from_pretrained(path)
+
 
 # -----------------------------------------------------------------------------
 # Behaviour of our own model
@@ -594,6 +616,10 @@ def test_config_checks_and_presets():
                 dict(heads=("itc",), share_cross_modal_transform=False), dict(cross_layers=13)):
         with pytest.raises(ValueError):
             BridgeTowerConfig(**bad)
+    with pytest.raises(ValueError, match="patch_size 0 not positive; image_size 0 not positive"):
+        BridgeTowerConfig(image_size=0, patch_size=0)  # not a ZeroDivisionError from the divisibility check
+    with pytest.raises(ValueError, match="dropouts"):
+        BridgeTowerConfig(attention_dropout=1.0)
     assert config_to_hf(tiny)["vision_config"]["hidden_size"] == 128
 
 
