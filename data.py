@@ -543,7 +543,21 @@ def _read_json(path, what):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _text(value):
+    if not isinstance(value, str):  # a null or numeric caption would fail later, at its batch
+        raise TypeError(f"caption {value!r} is not a string")
+    return value
+
+
+def _malformed(path, where, record, error):
+    return ValueError(f"{path}: {where} is not in the expected layout ({type(error).__name__}: {error}): "
+                      f"{str(record)[:200]}")
 
 
 def coco_source(json_path, root, split):
@@ -552,14 +566,19 @@ def coco_source(json_path, root, split):
     if splits is None:
         raise ValueError(f"COCO split must be train, val or test, got {split!r}")
     data = _read_json(json_path, "COCO Karpathy json")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f'{json_path}: expected {{"images": [...]}} (Karpathy\'s dataset_coco.json)')
     files, index, captions = [], [], []
-    for img in data["images"]:
-        if img["split"] not in splits:
-            continue
-        files.append(os.path.join(img.get("filepath", ""), img["filename"]))
-        for sentence in img["sentences"]:
-            index.append(len(files) - 1)
-            captions.append(sentence["raw"])
+    for i, img in enumerate(data["images"]):
+        try:
+            if img["split"] not in splits:
+                continue
+            new_captions = [_text(sentence["raw"]) for sentence in img["sentences"]]
+            files.append(os.path.join(img.get("filepath", ""), img["filename"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise _malformed(json_path, f"images[{i}]", img, e) from None
+        index += [len(files) - 1] * len(new_captions)
+        captions += new_captions
     return PairSource(f"coco:{json_path}[{split}]", root, files, index, captions)
 
 
@@ -577,17 +596,22 @@ def vg_source(json_path, root, split):
     data = _read_json(json_path, "Visual Genome region_descriptions.json")
     folder_of = {name: folder for folder in VG_FOLDERS if os.path.isdir(os.path.join(root, folder))
                  for name in os.listdir(os.path.join(root, folder))}
+    if not isinstance(data, list):
+        raise ValueError(f"{json_path}: expected a list of images with regions (region_descriptions.json)")
     files, index, captions = [], [], []
-    for entry in data:
-        regions = entry.get("regions", [])
-        if not regions:
-            continue
-        image_id = entry.get("id", regions[0].get("image_id"))
+    for i, entry in enumerate(data):
+        try:
+            regions = entry.get("regions", [])
+            if not regions:
+                continue
+            image_id = entry.get("id", regions[0].get("image_id"))
+            new_captions = [_text(region["phrase"]) for region in regions]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise _malformed(json_path, f"entry {i}", entry, e) from None
         name = f"{image_id}.jpg"
         files.append(f"{folder_of[name]}/{name}" if name in folder_of else name)
-        for region in regions:
-            index.append(len(files) - 1)
-            captions.append(region["phrase"])
+        index += [len(files) - 1] * len(new_captions)
+        captions += new_captions
     return PairSource(f"vg:{json_path}", root, files, index, captions)
 
 

@@ -507,6 +507,25 @@ def test_coco_splits_bad_images_and_empty_captions(tok, tmp_path):
         take(spec, tok, 1, split="test")
 
 
+def test_malformed_caption_files_are_errors_naming_the_record(tmp_path):
+    coco, vg = tmp_path / "dataset_coco.json", tmp_path / "region_descriptions.json"
+    for path, content, match in (
+            (coco, {"images": [{"split": "train", "filename": "a.jpg", "sentences": [{"raw": "a"}]},
+                               {"split": "train", "sentences": [{"raw": "b"}]}]},
+             r"images\[1\] .*KeyError: 'filename'"),
+            (coco, {"images": [{"split": "train", "filename": "a.jpg", "sentences": [{"raw": None}]}]},
+             r"images\[0\] .*caption None is not a string"),
+            (coco, [{"split": "train"}], 'expected {"images"'),
+            (coco, "{not json", "dataset_coco.json: not valid JSON"),
+            (vg, [{"id": 1, "regions": [{"phrase": "x"}, {"image_id": 1}]}], r"entry 0 .*KeyError: 'phrase'"),
+            (vg, {"id": 1}, "expected a list of images with regions")):
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        reader = data.coco_source if path == coco else data.vg_source
+        with pytest.raises(ValueError, match=match) as error:
+            reader(str(path), str(tmp_path), "train")
+        assert str(path) in str(error.value)
+
+
 def test_all_bad_data_is_a_clear_error_not_a_hang(tok, tmp_path):
     spec = write_coco(tmp_path, [("train", "d", f"{i}.jpg", [f"c{i}"], b"corrupt") for i in range(3)])
     with pytest.raises(RuntimeError, match="unusable; last error: .*sample .*: UnidentifiedImageError"):
