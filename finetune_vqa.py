@@ -92,6 +92,11 @@ image = ""                   # image file
 question = ""
 checkpoint = ""              # saved model dir (save_pretrained + answers.json + tokenizer); "" -> out_dir/final
 # -----------------------------------------------------------------------------
+# what --resume may not change: the model, its tokenizer and the answer vocabulary come from the checkpoint, and
+# the data order from these settings
+RESUME_FIXED = ("init_from", "model_size", "image_size", "tokenizer_dir", "data_dir", "synthetic_images",
+                "train_splits", "vocab_splits", "min_answer_count", "eval_split", "eval_holdout", "max_text_len",
+                "batch_size", "micro_batch_size", "seed")
 
 # -----------------------------------------------------------------------------
 # The official VQA accuracy, after GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py
@@ -219,13 +224,38 @@ def image_path(image_root, split, image_id):
     return os.path.join(image_root, folder, f"COCO_{folder}_{image_id:012d}.jpg")
 
 
+QUESTION_FIELDS = {"question_id": int, "image_id": int, "question": str}
+ANNOTATION_FIELDS = {"question_id": int, "multiple_choice_answer": str, "answers": list}
+
+
+def read_records(path, key, fields):
+    """The list under `key` of an official VQAv2 file, every record checked for `fields` (name -> type) and every
+    annotation for at least one {"answer": str}: a malformed file stops the run at the start, naming the file,
+    record and field, not at its batch or, for the evaluation split, after training."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    records = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise ValueError(f'{path}: expected {{"{key}": [...]}} (the official VQAv2 layout)')
+    for i, r in enumerate(records):
+        missing = [f for f, kind in fields.items() if not isinstance(r, dict) or not isinstance(r.get(f), kind)]
+        if not missing and "answers" in fields and not (
+                r["answers"] and all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in r["answers"])):
+            missing = ['answers: [{"answer": str}, ...]']
+        if missing:
+            raise ValueError(f"{path}: {key}[{i}] lacks {', '.join(missing)} (or has another type): {str(r)[:200]}")
+    return records
+
+
 def load_annotations(root, split):
     """The official annotation list of a split, or None for the test splits (no answers released)."""
     path = annotations_path(root, split)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)["annotations"]
+    return read_records(path, "annotations", ANNOTATION_FIELDS)
 
 
 def load_questions(root, split, image_root=None):
@@ -233,8 +263,7 @@ def load_questions(root, split, image_root=None):
     if not os.path.isfile(questions_path(root, split)):
         raise FileNotFoundError(f"questions of split {split} not found: {questions_path(root, split)} (the splits "
                                 "come from --train_splits, --eval_split and --test_split; \"\" skips the last two)")
-    with open(questions_path(root, split)) as f:
-        questions = json.load(f)["questions"]
+    questions = read_records(questions_path(root, split), "questions", QUESTION_FIELDS)
     image_root = image_root or root
     return [dict(q, image=image_path(image_root, split, q["image_id"])) for q in questions]
 
@@ -243,6 +272,14 @@ def soft_score(count):
     # VQA soft target from the number of annotators who gave the answer: 0, 0.3, 0.6, 0.9, then 1.0 from 4 on
     # (the original's get_score; close to the metric's min(1, n/3) averaged over leave-one-out subsets).
     return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
+
+
+def check_annotated(questions, annotation_by_id, source):
+    # questions and annotations files of different versions or splits would pair answers with the wrong questions
+    missing = [q["question_id"] for q in questions if q["question_id"] not in annotation_by_id]
+    if missing:
+        raise ValueError(f"{source}: no annotation for {len(missing)} of {len(questions)} questions (question ids "
+                         f"{missing[:5]}...): the questions and annotations files do not belong together")
 
 
 def build_answer_vocab(annotations, min_count=9):
@@ -260,10 +297,11 @@ def answer_targets(annotation, answer_to_label):
     return labels, scores
 
 
-def attach_targets(questions, annotations, answer_to_label):
+def attach_targets(questions, annotations, answer_to_label, source="annotations"):
     """Questions joined with their targets; questions with no in-vocabulary answer are dropped (the original
     drops them from training). Returns (kept, number dropped)."""
     by_id = {a["question_id"]: a for a in annotations}
+    check_annotated(questions, by_id, source)
     kept, dropped = [], 0
     for q in questions:
         labels, scores = answer_targets(by_id[q["question_id"]], answer_to_label)
@@ -516,7 +554,7 @@ def load_training_set(root, images, answer_to_label, held_out):
         split_annotations = load_annotations(root, split)
         if split_annotations is None:
             raise FileNotFoundError(f"no annotations for training split {split}: {annotations_path(root, split)}")
-        kept, n_dropped = attach_targets(questions, split_annotations, answer_to_label)
+        kept, n_dropped = attach_targets(questions, split_annotations, answer_to_label, annotations_path(root, split))
         items += kept
         dropped += n_dropped
         kept_ids = {q["question_id"] for q in kept}
@@ -535,8 +573,15 @@ def load_eval_set(root, images, held_out):
         if not keep:
             raise ValueError(f"eval_split {eval_split} is also a training split: set eval_holdout > 0")
         questions = [q for q in questions if q["image_id"] in keep]
-    ids = {q["question_id"] for q in questions}
-    return questions, [a for a in annotations if a["question_id"] in ids]
+    if not questions:
+        raise ValueError(f"eval_split {eval_split} has no questions to evaluate")
+    by_id = {a["question_id"]: a for a in annotations}
+    check_annotated(questions, by_id, annotations_path(root, eval_split))
+    kept = [by_id[q["question_id"]] for q in questions]
+    untyped = [a["question_id"] for a in kept if not isinstance(a.get("answer_type"), str)]
+    if untyped:  # the metric reports accuracy per answer type
+        raise ValueError(f"{annotations_path(root, eval_split)}: no answer_type for question {untyped[0]}")
+    return questions, kept
 
 
 # -----------------------------------------------------------------------------
@@ -646,7 +691,13 @@ def load_finetuned(path):
                                 "the final/ that finetune_vqa.py writes in its out_dir")
     with open(os.path.join(path, "answers.json")) as f:
         answers = json.load(f)
-    return BridgeTower.from_pretrained(path), Tokenizer.from_dir(path), answers
+    model = BridgeTower.from_pretrained(path)
+    if "vqa" not in model.config.heads:
+        raise ValueError(f"{path} has no VQA head: --checkpoint must be a fine-tuned model directory")
+    if len(answers) != model.config.num_vqa_answers:
+        raise ValueError(f"{path}: answers.json lists {len(answers)} answers, the VQA head scores "
+                         f"{model.config.num_vqa_answers}: the two files come from different runs")
+    return model, Tokenizer.from_dir(path), answers
 
 
 def run_predict():
@@ -672,6 +723,11 @@ def evaluate(model, eval_questions, eval_annotations, answers, tokenizer, dist, 
 
 def main():
     config = tu.configure(globals())
+    tu.check_settings(config, **tu.TRAINING_RULES, epochs=tu.POSITIVE, image_size=tu.POSITIVE,
+                      synthetic_images=tu.POSITIVE, min_answer_count=tu.POSITIVE, eval_holdout=tu.NOT_NEGATIVE,
+                      crop_scale=(lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "(min, max), 0 < min <= max <= 1"),
+                      randaugment=(lambda v: len(v) == 2 and v[0] >= 0 and 0 <= v[1] <= 10,
+                                   "(ops >= 0, magnitude in [0, 10])"))
     if predict:
         return run_predict()
     dist = tu.setup_distributed(device)
@@ -679,10 +735,12 @@ def main():
         torch.set_num_threads(cpu_threads)
     t_start = time.time()
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
+    if not resume:
+        tu.check_new_run(out_dir)
     root, images = prepare_data(dist)
 
     # the answer vocabulary: from the annotations, or from the checkpoint when resuming (it must not move)
-    ckpt = tu.load_latest_checkpoint(out_dir, dist=dist) if resume else None
+    ckpt = tu.load_latest_checkpoint(out_dir, "finetune_vqa", dist=dist) if resume else None
     if ckpt is not None:
         answers = ckpt["answers"]
     else:
@@ -694,10 +752,16 @@ def main():
             vocab_annotations += split_annotations
         answers = build_answer_vocab(vocab_annotations, min_answer_count)
         del vocab_annotations
+        if not answers:
+            raise ValueError(f"no answer is seen {min_answer_count} times in the annotations of {vocab_splits}: "
+                             "lower --min_answer_count")
     answer_to_label = {a: i for i, a in enumerate(answers)}
     trained_on_eval = eval_split in splits_of(train_splits)
     held_out = {eval_split: holdout_images(load_questions(root, eval_split, images))} if trained_on_eval else {}
     train_items, train_annotations, dropped = load_training_set(root, images, answer_to_label, held_out)
+    if not train_items:
+        raise ValueError(f"none of the questions of {train_splits} has an answer in the vocabulary ({dropped} "
+                         "dropped)")
     majority = majority_answer(train_annotations)
     if dist.is_master:
         print(f"data: {root} | {len(answers)} answers (seen >= {min_answer_count}x) | {len(train_items)} training "
@@ -732,8 +796,9 @@ def main():
         optimizer.load_state_dict(ckpt["optimizer"])
         step, skipped = ckpt["step"], ckpt.get("skipped", 0)
         tu.set_rng_state(ckpt["rng"][dist.rank])
+        message = tu.resume_message(out_dir, step, ckpt["config"], config, fixed=RESUME_FIXED)  # every rank checks
         if dist.is_master:
-            print(tu.resume_message(out_dir, step, ckpt["config"], config))
+            print(message)
     else:
         torch.manual_seed(seed + dist.rank)  # each rank draws its own dropout masks
     start_step = step
@@ -768,7 +833,8 @@ def main():
               f"{total_steps} steps ({total_steps / steps_per_epoch:.1f} epochs) | device {dist.device}")
 
     def checkpoint_now():
-        state = {"model": raw_model.state_dict(), "model_config": asdict(cfg), "optimizer": optimizer.state_dict(),
+        state = {"kind": "finetune_vqa", "model": raw_model.state_dict(), "model_config": asdict(cfg),
+                 "optimizer": optimizer.state_dict(),
                  "step": step, "data_position": step * accum, "accum": accum, "world_size": dist.world_size,
                  "skipped": skipped, "answers": answers, "config": config, "rng": tu.gather_rng_states(dist)}
         if dist.is_master:

@@ -80,6 +80,10 @@ bench_steps = 10
 # -----------------------------------------------------------------------------
 
 HEADS = ("mlm", "itm")
+# what --resume may not change: the model and its tokenizer come from the checkpoint, and the data position is
+# counted in batches of these settings
+RESUME_FIXED = ("init_from", "text_init", "vision_init", "model_size", "image_size", "tokenizer_dir", "data",
+                "max_text_len", "mlm_prob", "itm_neg_prob", "batch_size", "micro_batch_size", "seed")
 
 
 def pretrain_loss(model, batch, device, autocast=nullcontext()):
@@ -202,6 +206,9 @@ def make_optimizer(model, device):
 
 def main():
     config = tu.configure(globals())
+    tu.check_settings(config, **tu.TRAINING_RULES, eval_batches=tu.POSITIVE, retrieval_size=tu.POSITIVE,
+                      image_size=tu.POSITIVE, mlm_prob=(lambda v: 0 < v <= 1, "in (0, 1]"),
+                      itm_neg_prob=tu.FRACTION, bench_steps=tu.POSITIVE)
     dist = tu.setup_distributed(device)
     if dist.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
@@ -210,8 +217,10 @@ def main():
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     parse_sources(eval_spec(), "val", image_size)  # a missing or empty validation source: an error before training
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    if not resume:
+        tu.check_new_run(out_dir)
     tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_from, text_init=text_init)
-    ckpt = tu.load_latest_checkpoint(out_dir, dist=dist) if resume else None
+    ckpt = tu.load_latest_checkpoint(out_dir, "pretrain", dist=dist) if resume else None
     if ckpt is not None:
         model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
@@ -230,8 +239,9 @@ def main():
         optimizer.load_state_dict(ckpt["optimizer"])
         step, skipped, data_position = ckpt["step"], ckpt["skipped"], ckpt["data_position"]
         tu.set_rng_state(ckpt["rng"][dist.rank])
+        message = tu.resume_message(out_dir, step, ckpt["config"], config, fixed=RESUME_FIXED)  # every rank checks
         if dist.is_master:
-            print(tu.resume_message(out_dir, step, ckpt["config"], config))
+            print(message)
     else:
         torch.manual_seed(seed + dist.rank)  # each rank draws its own dropout masks
     start_step = step
@@ -257,7 +267,8 @@ def main():
               f"{micro_batch_size} = batch {batch_size} | {max_steps} steps | device {dist.device}")
 
     def checkpoint():
-        state = {"model": raw_model.state_dict(), "model_config": asdict(cfg), "optimizer": optimizer.state_dict(),
+        state = {"kind": "pretrain", "model": raw_model.state_dict(), "model_config": asdict(cfg),
+                 "optimizer": optimizer.state_dict(),
                  "step": step, "data_position": step * accum, "accum": accum, "world_size": dist.world_size,
                  "config": config, "skipped": skipped, "rng": tu.gather_rng_states(dist)}
         if dist.is_master:
@@ -292,8 +303,7 @@ def main():
         metrics.update(eta=tu.format_eta((max_steps - step) * dt_avg), skipped=skipped)
         logger.log(step, echo=step % log_interval == 0 or step == max_steps, **metrics)
 
-    final = evaluate(raw_model, tokenizer, dist, autocast)
-    logger.log(step, kind="eval", **final)
+    # saved before the last validation, so that a failure there (bad validation data, memory) loses no training
     if step > start_step:
         checkpoint()
     if dist.is_master:
@@ -301,6 +311,9 @@ def main():
         raw_model.save_pretrained(final_dir)
         tu.copy_tokenizer(tok_dir, final_dir)
         print(f"saved {final_dir} | {step} steps in {time.time() - t_start:.0f}s")
+    final = evaluate(raw_model, tokenizer, dist, autocast)
+    logger.log(step, kind="eval", **final)
+    if dist.is_master:
         keys = ["mlm_acc", "itm_acc"] + [k for k in final if k not in ("mlm_acc", "itm_acc")]
         print("eval: " + " ".join(f"{k}={final[k]:.2f}" for k in keys), flush=True)
     tu.cleanup_distributed()

@@ -26,7 +26,10 @@ _CONFIG_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
 
 
 def _config_keys(globals_dict):
-    return [k for k, v in globals_dict.items() if not k.startswith("_") and isinstance(v, _CONFIG_TYPES)]
+    # settings are lower-case module globals; UPPER_CASE ones (HEADS, COLORS, the VQA normalisation tables) are
+    # constants of the code, not settings
+    return [k for k, v in globals_dict.items()
+            if not k.startswith("_") and not k.isupper() and isinstance(v, _CONFIG_TYPES)]
 
 
 def _coerce(key, value, default):
@@ -57,10 +60,10 @@ def configure(globals_dict, argv=None):
 
     Each argument is a config file (a Python file of assignments, e.g. config/pretrain_base.py) or
     --key=value (value parsed as a Python literal, a bare word is a string; --key alone sets a bool to True).
-    Later arguments win. A key the script does not define, a value of another type, or one key in consecutive
-    arguments is an error naming it. The last catches an unquoted shell pattern: --data=wds:cc3m/{00000..00331}.tar
-    reaches us as one --data argument per shard, of which only the last would be kept. --help prints the script's
-    docstring and every setting.
+    Later arguments win. A key the script does not define, a value of another type, one key in consecutive
+    arguments, or a config file that would undo an earlier --key is an error naming it. Consecutive arguments
+    catch an unquoted shell pattern: --data=wds:cc3m/{00000..00331}.tar reaches us as one --data argument per
+    shard, of which only the last would be kept. --help prints the script's docstring and every setting.
     """
     argv = sys.argv[1:] if argv is None else argv
     keys = _config_keys(globals_dict)
@@ -69,7 +72,7 @@ def configure(globals_dict, argv=None):
         print("\n".join(f"  --{k}={globals_dict[k]!r}" for k in keys))
         sys.exit(0)
     verbose = os.environ.get("RANK", "0") == "0"
-    previous_key = None
+    previous_key, from_command_line = None, set()
     for arg in argv:
         if not arg.startswith("--"):
             ns = {}
@@ -78,6 +81,10 @@ def configure(globals_dict, argv=None):
             overrides = {k: ns[k] for k in _config_keys(ns)}
             source = arg
             previous_key = None
+            undone = sorted(from_command_line & set(overrides))
+            if undone:
+                raise ValueError(f"config file {arg} comes after --{undone[0]} on the command line and would undo it "
+                                 "(it sets " + ", ".join(undone) + "): put config files first")
         else:
             key, eq, raw = arg[2:].partition("=")
             if key not in keys:
@@ -91,6 +98,7 @@ def configure(globals_dict, argv=None):
             overrides = {key: _parse_value(raw, default) if eq else True}
             source = "command line"
             previous_key = key
+            from_command_line.add(key)
         for key, value in overrides.items():
             if key not in keys:
                 raise ValueError(f"unknown config key {key!r} (from {source})")
@@ -100,14 +108,32 @@ def configure(globals_dict, argv=None):
     return {k: globals_dict[k] for k in keys}
 
 
-def resume_message(run_dir, step, saved, now):
-    """The resume line, with "key: old -> new" for each setting that differs from the checkpoint's config. Resuming
-    applies the new values from the checkpoint's step on (a longer max_steps, a lower lr may be intended), so they
-    are reported, not refused; what would break the data order (processes, micro-steps) is checked apart."""
-    changed = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
-                        if k != "resume" and saved.get(k) != v)
-    return f"resumed from {run_dir}/{CKPT_NAME} at step {step}" + (
-        f"; settings that differ from the checkpointed run: {changed}" if changed else "")
+# what a setting must be, as (test, description), for check_settings
+POSITIVE = (lambda v: v > 0, "> 0")
+NOT_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+TRAINING_RULES = dict(  # the settings both training scripts share
+    batch_size=POSITIVE, micro_batch_size=POSITIVE, max_steps=NOT_NEGATIVE, log_interval=POSITIVE,
+    eval_interval=NOT_NEGATIVE, ckpt_interval=NOT_NEGATIVE, lr=NOT_NEGATIVE, warmup_ratio=FRACTION,
+    weight_decay=NOT_NEGATIVE, adam_eps=POSITIVE, grad_clip=NOT_NEGATIVE, cpu_threads=NOT_NEGATIVE,
+    num_workers=NOT_NEGATIVE, dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    betas=(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    # <s>, one token and </s> at least; RoBERTa's 514 positions hold 512 tokens
+    max_text_len=(lambda v: 3 <= v <= 512, "in [3, 512]"),
+)
+
+
+def check_settings(config, **rules):
+    """An error naming every setting that fails its rule (key=(test, description)), before anything runs."""
+    def passes(test, value):
+        try:
+            return bool(test(value))
+        except TypeError:  # e.g. a tuple of strings where numbers belong
+            return False
+    bad = [f"--{key}={config[key]!r} (must be {what})" for key, (test, what) in rules.items()
+           if key in config and not passes(test, config[key])]
+    if bad:
+        raise ValueError("bad settings: " + "; ".join(bad))
 
 
 # -----------------------------------------------------------------------------
@@ -305,13 +331,31 @@ def save_checkpoint(run_dir, state):
     return path
 
 
-def load_latest_checkpoint(run_dir, map_location="cpu", dist=None):
-    """The last complete checkpoint in run_dir, or None. A leftover .tmp from a killed write is ignored.
+def check_new_run(run_dir):
+    """A run that does not resume must not overwrite an earlier run's checkpoint and final model."""
+    earlier = [name for name in (CKPT_NAME, "final") if os.path.exists(os.path.join(run_dir, name))]
+    if earlier:
+        raise FileExistsError(f"{run_dir} holds an earlier run ({' and '.join(earlier)}): --resume continues it; "
+                              "to start over, choose another --out_dir or delete this one")
+
+
+def load_latest_checkpoint(run_dir, kind=None, map_location="cpu", dist=None):
+    """The last complete checkpoint in run_dir, or None. A leftover .tmp from a killed write is ignored. kind
+    ("pretrain", "finetune_vqa"): the script that must have written it.
 
     With dist, every rank must find the same checkpoint (rank 0 writes it, so out_dir must be on a file system
     that every node sees): a rank that resumed at another step would wait forever in a different collective."""
     path = os.path.join(run_dir, CKPT_NAME)
-    ckpt = torch.load(path, map_location=map_location, weights_only=False) if os.path.exists(path) else None
+    ckpt = None
+    if os.path.exists(path):
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e:  # written by rename, so complete when written: damaged since
+            raise RuntimeError(f"{path} cannot be read ({type(e).__name__}: {e}); restore it, or start over in "
+                               "another out_dir") from e
+        if kind is not None and ckpt.get("kind", kind) != kind:
+            raise ValueError(f"{path} was written by {ckpt['kind']}.py, not {kind}.py: --out_dir names another "
+                             "script's run")
     if dist is not None and dist.world_size > 1:
         steps = [None] * dist.world_size
         torch_dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
@@ -319,6 +363,21 @@ def load_latest_checkpoint(run_dir, map_location="cpu", dist=None):
             raise RuntimeError(f"{path}: the ranks found different checkpoints (step per rank, None = no file: "
                                f"{steps}); out_dir must be a directory that every node shares")
     return ckpt
+
+
+def resume_message(run_dir, step, saved, now, fixed=()):
+    """The resume line, with "key: old -> new" for each setting that differs from the checkpoint's config. Resuming
+    applies those from the checkpoint's step on (a longer max_steps, a lower lr may be intended). A change to a
+    `fixed` setting (what defines the model, the tokenizer or the data order) is an error instead."""
+    changed = {k: (saved.get(k), v) for k, v in now.items() if k != "resume" and saved.get(k) != v}
+    refused = [k for k in fixed if k in changed]
+    if refused:
+        raise ValueError(f"resuming {run_dir}/{CKPT_NAME} with other " + ", ".join(
+            f"{k} ({changed[k][0]!r} in the checkpointed run, {changed[k][1]!r} now)" for k in refused) +
+            ": these must stay as they were; start a new run in another --out_dir to change them")
+    listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    return f"resumed from {run_dir}/{CKPT_NAME} at step {step}" + (
+        f"; settings that differ from the checkpointed run: {listed}" if listed else "")
 
 
 def rng_state():

@@ -50,11 +50,16 @@ def test_configure_key_in_consecutive_arguments(tmp_path):
     # shard): keeping the last one would silently drop the others
     with pytest.raises(ValueError, match="'out_dir' in consecutive arguments .*'--out_dir=x/b'"):
         tu.configure(_defaults(), ["--lr=0.1", "--out_dir=x/a", "--out_dir=x/b"])
+    with pytest.raises(ValueError, match="unknown config key 'HEADS'"):  # upper case: a constant, not a setting
+        tu.configure(dict(_defaults(), HEADS=("mlm",)), ["--HEADS=('itm',)"])
     # overriding a list of base arguments later on is fine: the last wins
     assert tu.configure(_defaults(), ["--lr=0.1", "--batch_size=8", "--lr=0.2"])["lr"] == 0.2
     cfg = tmp_path / "c.py"
     cfg.write_text("lr = 1e-4\n")
     assert tu.configure(_defaults(), [str(cfg), "--lr=0.2"])["lr"] == 0.2  # a file, then the command line
+    with pytest.raises(ValueError, match="c.py comes after --lr on the command line and would undo it"):
+        tu.configure(_defaults(), ["--lr=0.2", str(cfg)])
+    assert tu.configure(_defaults(), ["--batch_size=4", str(cfg)])["batch_size"] == 4  # a file setting other keys
 
 
 def test_configure_help(capsys):
@@ -62,6 +67,17 @@ def test_configure_help(capsys):
         tu.configure(dict(_defaults(), __doc__="A training script."), ["--help"])
     out = capsys.readouterr().out
     assert out.startswith("A training script.") and "  --batch_size=32\n" in out and "  --betas=(0.9, 0.98)" in out
+
+
+def test_check_settings_names_every_bad_one():
+    config = dict(_defaults(), micro_batch_size=0, warmup_ratio=0.1, betas=(0.9,), dropout=1.0, max_text_len=50)
+    with pytest.raises(ValueError) as error:
+        tu.check_settings(config, **tu.TRAINING_RULES)
+    assert str(error.value) == ("bad settings: --micro_batch_size=0 (must be > 0); --dropout=1.0 (must be in [0, 1)); "
+                                "--betas=(0.9,) (must be two numbers in [0, 1))")
+    tu.check_settings(dict(config, micro_batch_size=8, betas=(0.9, 0.98), dropout=0.1), **tu.TRAINING_RULES)
+    with pytest.raises(ValueError, match="--betas=\\('a', 'b'\\) \\(must be two numbers"):
+        tu.check_settings(dict(config, betas=("a", "b")), betas=tu.TRAINING_RULES["betas"])
 
 
 def test_configure_unknown_key_in_file(tmp_path):
@@ -136,10 +152,29 @@ def test_checkpoint_atomic(tmp_path, monkeypatch):
 
 
 def test_resume_message_names_changed_settings():
-    saved = {"lr": 1e-5, "max_steps": 100, "resume": False, "out_dir": "out/x"}
+    saved = {"lr": 1e-5, "max_steps": 100, "resume": False, "out_dir": "out/x", "batch_size": 8}
     assert tu.resume_message("out/x", 40, saved, dict(saved, resume=True)) == "resumed from out/x/ckpt.pt at step 40"
-    line = tu.resume_message("out/x", 40, saved, dict(saved, resume=True, lr=2e-5, max_steps=200, seed=3))
+    line = tu.resume_message("out/x", 40, saved, dict(saved, resume=True, lr=2e-5, max_steps=200, seed=3),
+                             fixed=("batch_size",))
     assert line.endswith("differ from the checkpointed run: lr: 1e-05 -> 2e-05, max_steps: 100 -> 200, seed: None -> 3")
+    with pytest.raises(ValueError, match=r"other batch_size \(8 in the checkpointed run, 16 now\)"):
+        tu.resume_message("out/x", 40, saved, dict(saved, lr=2e-5, batch_size=16), fixed=("batch_size", "seed"))
+
+
+def test_new_runs_keep_earlier_ones(tmp_path):
+    tu.check_new_run(str(tmp_path / "none"))
+    tu.check_new_run(str(tmp_path))  # an empty directory
+    (tmp_path / "final").mkdir()
+    with pytest.raises(FileExistsError, match="holds an earlier run \\(final\\): --resume continues it"):
+        tu.check_new_run(str(tmp_path))
+    # a checkpoint of another script, or a damaged one, is an error naming the file, not a traceback from torch
+    tu.save_checkpoint(tmp_path, {"kind": "finetune_vqa", "step": 3})
+    assert tu.load_latest_checkpoint(tmp_path, "finetune_vqa")["step"] == 3
+    with pytest.raises(ValueError, match="ckpt.pt was written by finetune_vqa.py, not pretrain.py"):
+        tu.load_latest_checkpoint(tmp_path, "pretrain")
+    (tmp_path / "ckpt.pt").write_bytes((tmp_path / "ckpt.pt").read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="ckpt.pt cannot be read"):
+        tu.load_latest_checkpoint(tmp_path, "pretrain")
 
 
 def test_load_tokenizer_never_pairs_a_checkpoint_with_the_demo_tokenizer(tmp_path):

@@ -238,9 +238,63 @@ def tiny_run(tmp_path_factory):
     return {"synthetic": synthetic, "run": run, "stdout": stdout}
 
 
-def test_predict_needs_a_finetuned_directory(tmp_path):
+def test_malformed_vqa_files_are_errors_naming_file_record_and_field(tmp_path, monkeypatch):
+    root = fv.write_synthetic_vqa(str(tmp_path), {"train2014": 2, "val2014": 2, "test2015": 2})
+    questions_file, annotations_file = fv.questions_path(root, "val2014"), fv.annotations_path(root, "val2014")
+    original_q, original_a = json.load(open(questions_file)), json.load(open(annotations_file))
+
+    def rewrite(path, data):
+        with open(path, "w") as f:
+            f.write(data if isinstance(data, str) else json.dumps(data))
+
+    monkeypatch.setattr(fv, "eval_split", "val2014")
+    monkeypatch.setattr(fv, "train_splits", "train2014")
+    q = json.loads(json.dumps(original_q))
+    del q["questions"][2]["image_id"]
+    rewrite(questions_file, q)
+    with pytest.raises(ValueError, match=r"val2014_questions.json: questions\[2\] lacks image_id"):
+        fv.load_questions(root, "val2014")
+    rewrite(questions_file, original_q["questions"])  # a bare list
+    with pytest.raises(ValueError, match='expected {"questions": \\[...\\]}'):
+        fv.load_questions(root, "val2014")
+    rewrite(questions_file, "{not json")
+    with pytest.raises(ValueError, match="val2014_questions.json: not valid JSON"):
+        fv.load_questions(root, "val2014")
+    rewrite(questions_file, original_q)
+    a = json.loads(json.dumps(original_a))
+    a["annotations"][1]["answers"] = []
+    rewrite(annotations_file, a)
+    with pytest.raises(ValueError, match=r"annotations\[1\] lacks answers: \[{\"answer\": str}"):
+        fv.load_annotations(root, "val2014")
+    # annotations of other questions (another version of the files): an error, not answers paired with the wrong
+    # questions or a KeyError
+    a = json.loads(json.dumps(original_a))
+    for ann in a["annotations"]:
+        ann["question_id"] += 1
+    rewrite(annotations_file, a)
+    with pytest.raises(ValueError, match="val2014_annotations.json: no annotation for 2 of 6 questions"):
+        fv.load_eval_set(root, root, {})
+    with pytest.raises(ValueError, match="do not belong together"):
+        fv.attach_targets(fv.load_questions(root, "val2014"), a["annotations"], {"yes": 0}, annotations_file)
+    a = json.loads(json.dumps(original_a))
+    del a["annotations"][4]["answer_type"]
+    rewrite(annotations_file, a)
+    with pytest.raises(ValueError, match="no answer_type for question"):
+        fv.load_eval_set(root, root, {})
+    rewrite(annotations_file, original_a)
+    questions, annotations = fv.load_eval_set(root, root, {})
+    assert [a["question_id"] for a in annotations] == [q["question_id"] for q in questions]
+
+
+def test_predict_needs_a_finetuned_directory(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="no answers.json in .*: --checkpoint must be a fine-tuned model"):
         fv.load_finetuned(str(tmp_path))
+    final = shutil.copytree(os.path.join(tiny_run["run"], "final"), str(tmp_path / "final"))
+    answers = json.load(open(os.path.join(final, "answers.json")))
+    with open(os.path.join(final, "answers.json"), "w") as f:
+        json.dump(answers[:-1], f)
+    with pytest.raises(ValueError, match=f"lists {len(answers) - 1} answers, the VQA head scores {len(answers)}"):
+        fv.load_finetuned(final)
 
 
 def test_majority_answer():
