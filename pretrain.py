@@ -45,7 +45,8 @@ text_init = ""               # RoBERTa HF dir (roberta-base) -> from_unimodal
 vision_init = ""             # CLIP: HF dir (openai/clip-vit-base-patch16) or OpenAI ViT-B-16.pt
 model_size = "tiny"          # BridgeTowerConfig preset when not init_from: tiny | base | large
 image_size = 64              # pixels (288 in the paper)
-dropout = 0.0                # hidden and attention dropout (0.1 in the paper; the demo's data never repeats)
+dropout = 0.0                # hidden and attention dropout when not init_from, whose config brings its own (0.1 in
+                             # the paper; the demo's data never repeats)
 # data
 data = "synthetic"           # build_pretrain_loader sources: synthetic | wds:... | coco:...@... | vg:...@..., comma-joined
 tokenizer_dir = ""           # "" -> the tokenizer of init_from or text_init, else the demo tokenizer trained on synthetic text
@@ -209,6 +210,9 @@ def main():
     tu.check_settings(config, **tu.TRAINING_RULES, eval_batches=tu.POSITIVE, retrieval_size=tu.POSITIVE,
                       image_size=tu.POSITIVE, mlm_prob=(lambda v: 0 < v <= 1, "in (0, 1]"),
                       itm_neg_prob=tu.FRACTION, bench_steps=tu.POSITIVE)
+    if init_from and (text_init or vision_init):
+        raise ValueError("--init_from (a whole BridgeTower) and --text_init / --vision_init (its encoders, for a model "
+                         "built from model_size) exclude each other")
     dist = tu.setup_distributed(device)
     if dist.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)

@@ -63,9 +63,16 @@ def test_validation_never_reads_training_shards(monkeypatch):
     assert out.returncode != 0 and "no validation data" in out.stderr and "--val_data" in out.stderr
 
 
-def test_unknown_key_is_an_error():
-    out = subprocess.run([sys.executable, SCRIPT, "--max_step=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "max_step" in out.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--max_step=3"], "unknown config key 'max_step'"),
+    (["--batch_size=0", "--mlm_prob=1.5"], "--batch_size=0 (must be > 0); --mlm_prob=1.5 (must be in (0, 1])"),
+    (["--init_from=a", "--text_init=b"], "--init_from (a whole BridgeTower) and --text_init / --vision_init"),
+])
+def test_bad_settings_stop_the_run_at_once(args, message, tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, *args, f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+    assert not os.listdir(tmp_path)
 
 
 # -----------------------------------------------------------------------------
