@@ -92,11 +92,12 @@ image = ""                   # image file
 question = ""
 checkpoint = ""              # saved model dir (save_pretrained + answers.json + tokenizer); "" -> out_dir/final
 # -----------------------------------------------------------------------------
-# what --resume may not change: the model, its tokenizer and the answer vocabulary come from the checkpoint, and
-# the data order from these settings
-RESUME_FIXED = ("init_from", "model_size", "image_size", "tokenizer_dir", "data_dir", "synthetic_images",
-                "train_splits", "vocab_splits", "min_answer_count", "eval_split", "eval_holdout", "max_text_len",
-                "batch_size", "micro_batch_size", "seed")
+# what --resume may not change: the model (dropout included), its tokenizer and the answer vocabulary come from
+# the checkpoint, the optimiser's groups (decay, multipliers, betas, eps) from its state, and the data order from
+# these data settings. A changed data_dir or image_root is only listed: the files may have moved.
+RESUME_FIXED = ("init_from", "model_size", "image_size", "dropout", "tokenizer_dir", "synthetic_images",
+                "train_splits", "vocab_splits", "min_answer_count", "max_text_len", "batch_size", "micro_batch_size",
+                "seed", "weight_decay", "betas", "adam_eps", "lr_mult_heads", "lr_mult_cross_modal")
 
 # -----------------------------------------------------------------------------
 # The official VQA accuracy, after GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py
@@ -735,13 +736,15 @@ def main():
         torch.set_num_threads(cpu_threads)
     t_start = time.time()
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
-    if not resume:
-        tu.check_new_run(out_dir)
+    tu.check_out_dir(out_dir, resume)
     root, images = prepare_data(dist)
 
     # the answer vocabulary: from the annotations, or from the checkpoint when resuming (it must not move)
     ckpt = tu.load_latest_checkpoint(out_dir, "finetune_vqa", dist=dist) if resume else None
-    if ckpt is not None:
+    if ckpt is not None:  # every rank checks the settings, before anything is built from them
+        # the evaluation split and its holdout change the training data only when it is also trained on
+        holdout = ("eval_split", "eval_holdout") if ckpt["config"]["eval_split"] in splits_of(train_splits) else ()
+        message = tu.resume_message(out_dir, ckpt["step"], ckpt["config"], config, fixed=RESUME_FIXED + holdout)
         answers = ckpt["answers"]
     else:
         vocab_annotations = []
@@ -796,7 +799,6 @@ def main():
         optimizer.load_state_dict(ckpt["optimizer"])
         step, skipped = ckpt["step"], ckpt.get("skipped", 0)
         tu.set_rng_state(ckpt["rng"][dist.rank])
-        message = tu.resume_message(out_dir, step, ckpt["config"], config, fixed=RESUME_FIXED)  # every rank checks
         if dist.is_master:
             print(message)
     else:

@@ -81,10 +81,13 @@ bench_steps = 10
 # -----------------------------------------------------------------------------
 
 HEADS = ("mlm", "itm")
-# what --resume may not change: the model and its tokenizer come from the checkpoint, and the data position is
-# counted in batches of these settings
-RESUME_FIXED = ("init_from", "text_init", "vision_init", "model_size", "image_size", "tokenizer_dir", "data",
-                "max_text_len", "mlm_prob", "itm_neg_prob", "batch_size", "micro_batch_size", "seed")
+# what --resume may not change: the model (dropout included) and its tokenizer come from the checkpoint, the
+# optimiser's groups (decay, multipliers, betas, eps) from its state, and the data position is counted in
+# batches of these data settings (the loader's order also depends on num_workers). A changed `data` is only
+# listed: its paths may have moved.
+RESUME_FIXED = ("init_from", "text_init", "vision_init", "model_size", "image_size", "dropout", "tokenizer_dir",
+                "max_text_len", "mlm_prob", "itm_neg_prob", "batch_size", "micro_batch_size", "num_workers", "seed",
+                "weight_decay", "betas", "adam_eps", "lr_mult_cross_modal", "lr_mult_heads")
 
 
 def pretrain_loss(model, batch, device, autocast=nullcontext()):
@@ -210,9 +213,9 @@ def main():
     tu.check_settings(config, **tu.TRAINING_RULES, eval_batches=tu.POSITIVE, retrieval_size=tu.POSITIVE,
                       image_size=tu.POSITIVE, mlm_prob=(lambda v: 0 < v <= 1, "in (0, 1]"),
                       itm_neg_prob=tu.FRACTION, bench_steps=tu.POSITIVE)
-    if init_from and (text_init or vision_init):
-        raise ValueError("--init_from (a whole BridgeTower) and --text_init / --vision_init (its encoders, for a model "
-                         "built from model_size) exclude each other")
+    if init_from and (text_init or vision_init) and os.environ.get("RANK", "0") == "0":
+        # e.g. --init_from over config/pretrain_base.py, which names the encoders: the whole model wins
+        print(f"init_from={init_from!r} is a whole BridgeTower: text_init and vision_init are not used")
     dist = tu.setup_distributed(device)
     if dist.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
@@ -221,11 +224,12 @@ def main():
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     parse_sources(eval_spec(), "val", image_size)  # a missing or empty validation source: an error before training
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if not resume:
-        tu.check_new_run(out_dir)
-    tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_from, text_init=text_init)
+    tu.check_out_dir(out_dir, resume)
+    tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_from,
+                                           text_init="" if init_from else text_init)
     ckpt = tu.load_latest_checkpoint(out_dir, "pretrain", dist=dist) if resume else None
-    if ckpt is not None:
+    if ckpt is not None:  # every rank checks the settings, before anything is built from them
+        message = tu.resume_message(out_dir, ckpt["step"], ckpt["config"], config, fixed=RESUME_FIXED)
         model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         if ckpt["world_size"] != dist.world_size or ckpt["accum"] != accum:
@@ -243,7 +247,6 @@ def main():
         optimizer.load_state_dict(ckpt["optimizer"])
         step, skipped, data_position = ckpt["step"], ckpt["skipped"], ckpt["data_position"]
         tu.set_rng_state(ckpt["rng"][dist.rank])
-        message = tu.resume_message(out_dir, step, ckpt["config"], config, fixed=RESUME_FIXED)  # every rank checks
         if dist.is_master:
             print(message)
     else:

@@ -25,11 +25,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 _CONFIG_TYPES = (int, float, bool, str, tuple, list, dict, type(None))
 
 
-def _config_keys(globals_dict):
-    # settings are lower-case module globals; UPPER_CASE ones (HEADS, COLORS, the VQA normalisation tables) are
-    # constants of the code, not settings
+def _config_keys(globals_dict, constants=False):
+    # a script's settings are its lower-case module globals; UPPER_CASE ones (HEADS, COLORS, the VQA normalisation
+    # tables) are constants of the code. A config file's names are all read (constants=True), so that an upper-case
+    # one there is reported as unknown rather than dropped.
     return [k for k, v in globals_dict.items()
-            if not k.startswith("_") and not k.isupper() and isinstance(v, _CONFIG_TYPES)]
+            if not k.startswith("_") and (constants or not k.isupper()) and isinstance(v, _CONFIG_TYPES)]
 
 
 def _coerce(key, value, default):
@@ -78,7 +79,7 @@ def configure(globals_dict, argv=None):
             ns = {}
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), ns)
-            overrides = {k: ns[k] for k in _config_keys(ns)}
+            overrides = {k: ns[k] for k in _config_keys(ns, constants=True)}
             source = arg
             previous_key = None
             undone = sorted(from_command_line & set(overrides))
@@ -331,12 +332,18 @@ def save_checkpoint(run_dir, state):
     return path
 
 
-def check_new_run(run_dir):
-    """A run that does not resume must not overwrite an earlier run's checkpoint and final model."""
-    earlier = [name for name in (CKPT_NAME, "final") if os.path.exists(os.path.join(run_dir, name))]
-    if earlier:
-        raise FileExistsError(f"{run_dir} holds an earlier run ({' and '.join(earlier)}): --resume continues it; "
-                              "to start over, choose another --out_dir or delete this one")
+def check_out_dir(run_dir, resume):
+    """A run must not overwrite an earlier run's checkpoint or final model: without --resume, out_dir may hold
+    neither; with it, a final model needs its checkpoint, else "resuming" would start over on top of it."""
+    has_ckpt = os.path.exists(os.path.join(run_dir, CKPT_NAME))
+    has_final = os.path.exists(os.path.join(run_dir, "final"))
+    if not resume and (has_ckpt or has_final):
+        held = " and ".join(name for name, there in ((CKPT_NAME, has_ckpt), ("final/", has_final)) if there)
+        raise FileExistsError(f"{run_dir} holds an earlier run ({held}): " + ("--resume continues it; " if has_ckpt
+                              else "") + "to start over, choose another --out_dir or delete this one")
+    if resume and has_final and not has_ckpt:
+        raise FileExistsError(f"{run_dir} holds a finished run's final/ but no {CKPT_NAME} to resume from: choose "
+                              "another --out_dir to start a new run")
 
 
 def load_latest_checkpoint(run_dir, kind=None, map_location="cpu", dist=None):

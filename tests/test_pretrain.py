@@ -66,7 +66,6 @@ def test_validation_never_reads_training_shards(monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--max_step=3"], "unknown config key 'max_step'"),
     (["--batch_size=0", "--mlm_prob=1.5"], "--batch_size=0 (must be > 0); --mlm_prob=1.5 (must be in (0, 1])"),
-    (["--init_from=a", "--text_init=b"], "--init_from (a whole BridgeTower) and --text_init / --vision_init"),
 ])
 def test_bad_settings_stop_the_run_at_once(args, message, tmp_path):
     out = subprocess.run([sys.executable, SCRIPT, *args, f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
@@ -189,6 +188,13 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert _train_lines(cut) == _train_lines(full)
     assert_same_final_weights(full, cut)
     assert eval_line(stdout) == eval_line(full_stdout)
+    # a new run would overwrite the finished one; a resume that changes the optimiser's groups would not take
+    # effect (here torch would fail on the group count): both stop at once, saying why
+    for extra, message in (([], "holds an earlier run (ckpt.pt and final/): --resume continues it"),
+                           (["--resume", "--lr_mult_heads=50.0"], "other lr_mult_heads (5.0 in the checkpointed run")):
+        out = subprocess.run([sys.executable, SCRIPT, *RESUME_ARGS, f"--out_dir={cut}", *extra], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
 
 
 # -----------------------------------------------------------------------------

@@ -52,6 +52,10 @@ def test_configure_key_in_consecutive_arguments(tmp_path):
         tu.configure(_defaults(), ["--lr=0.1", "--out_dir=x/a", "--out_dir=x/b"])
     with pytest.raises(ValueError, match="unknown config key 'HEADS'"):  # upper case: a constant, not a setting
         tu.configure(dict(_defaults(), HEADS=("mlm",)), ["--HEADS=('itm',)"])
+    upper = tmp_path / "upper.py"
+    upper.write_text("LR = 1e-4\n")  # meant as lr: reported, not silently dropped
+    with pytest.raises(ValueError, match="unknown config key 'LR' \\(from .*upper.py\\)"):
+        tu.configure(_defaults(), [str(upper)])
     # overriding a list of base arguments later on is fine: the last wins
     assert tu.configure(_defaults(), ["--lr=0.1", "--batch_size=8", "--lr=0.2"])["lr"] == 0.2
     cfg = tmp_path / "c.py"
@@ -162,11 +166,18 @@ def test_resume_message_names_changed_settings():
 
 
 def test_new_runs_keep_earlier_ones(tmp_path):
-    tu.check_new_run(str(tmp_path / "none"))
-    tu.check_new_run(str(tmp_path))  # an empty directory
-    (tmp_path / "final").mkdir()
-    with pytest.raises(FileExistsError, match="holds an earlier run \\(final\\): --resume continues it"):
-        tu.check_new_run(str(tmp_path))
+    for resume in (False, True):
+        tu.check_out_dir(str(tmp_path / "none"), resume)
+        tu.check_out_dir(str(tmp_path), resume)  # an empty directory
+    (tmp_path / "final").mkdir()  # a finished run whose ckpt.pt was deleted: neither a new run nor a resume
+    with pytest.raises(FileExistsError, match="holds an earlier run \\(final/\\): to start over, choose another"):
+        tu.check_out_dir(str(tmp_path), False)
+    with pytest.raises(FileExistsError, match="holds a finished run's final/ but no ckpt.pt to resume from"):
+        tu.check_out_dir(str(tmp_path), True)
+    tu.save_checkpoint(tmp_path, {"step": 1})
+    with pytest.raises(FileExistsError, match="holds an earlier run \\(ckpt.pt and final/\\): --resume continues it"):
+        tu.check_out_dir(str(tmp_path), False)
+    tu.check_out_dir(str(tmp_path), True)
     # a checkpoint of another script, or a damaged one, is an error naming the file, not a traceback from torch
     tu.save_checkpoint(tmp_path, {"kind": "finetune_vqa", "step": 3})
     assert tu.load_latest_checkpoint(tmp_path, "finetune_vqa")["step"] == 3
