@@ -237,7 +237,7 @@ def test_default_run_learns(tmp_path):
     run = str(tmp_path / "demo")
     stdout = _run([f"--max_steps={LEARN_STEPS}", "--eval_interval=0", "--ckpt_interval=0", f"--out_dir={run}"], timeout=900)
     evals = eval_line(stdout)
-    # chance: ITM 0.5 (half the pairs are negatives), recall@1 1/16, MLM 1/383 (the vocabulary). Without the image
+    # chance: ITM 0.5 (half the pairs are negatives), recall@1 1/16, MLM 1/384 (the vocabulary). Without the image
     # MLM still gets ~0.6 from the caption grammar (measured while ITM was at chance); above that it uses the image.
     # Measured here: itm_acc 0.85, mlm_acc 0.73, recall@1 0.38 + 0.31.
     assert evals["itm_acc"] > 0.7, stdout[-2000:]
