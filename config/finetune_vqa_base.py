@@ -6,7 +6,10 @@
 # soft scores x 3129. bf16 autocast (the original ran fp32, precision=32: --dtype=float32). As in the original, every
 # train and val question is trained on, so nothing is left to score locally: the test2015 answers are written to
 # results_test2015.json for the evaluation server (test-dev: --test_split=test-dev2015). For a local number, hold
-# out val images at the cost of training on fewer: --eval_split=val2014 --eval_holdout=1000 (ViLT's "minival" size).
+# out val images at the cost of training on fewer: --eval_split=val2014 --eval_holdout=1000 (ViLT's "minival" size;
+# ours are the last 1000 images in file order, ViLT's a random, unseeded 1000, so the two numbers are not comparable).
+# The original picks the test-time checkpoint by its score on val, which it also trains on: in effect the last one,
+# which is what we submit.
 #   torchrun --nproc_per_node=8 finetune_vqa.py config/finetune_vqa_base.py
 # The paths are where the checkpoint and VQAv2 are expected; override them on the command line.
 out_dir = "out/vqa_base"
