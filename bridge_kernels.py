@@ -324,6 +324,7 @@ def add_layer_norm_ref(h, c, weight, bias, eps=1e-5, link_type="add", scalar=Non
 MAX_HEAD_DIM = 128
 _LOG2E = tl.constexpr(1.4426950408889634)  # the softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
+
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
     if _UPCAST_DOT:
@@ -672,7 +673,8 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0):
     """softmax(q k^T / sqrt(D), keys masked) v, flash-attention style, in Triton.
 
     q (B,H,Lq,D), k and v (B,H,Lk,D): fp32, bf16 or fp16, one dtype; any strides (views of a packed
-    projection are read in place); D <= 128 (tested at 32, 64, 128). key_mask (B,Lk): nonzero/True = attend, any pattern.
+    projection are read in place); D <= 128 (tested at 32, 64, 128). key_mask (B,Lk): nonzero/True =
+    attend, any pattern.
     A query whose keys are all masked gets output 0 and zero gradients (PyTorch's SDPA also gives 0).
     dropout_p: dropout on the attention probabilities, drawn in the kernel from a seed taken from
     torch's CPU generator; the model passes 0.0 in eval. The output is a (B,H,Lq,D) view of a

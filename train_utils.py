@@ -239,7 +239,8 @@ def load_tokenizer(tokenizer_dir, out_dir, **checkpoints):
         return Tokenizer.from_dir(found), found
     given = " or ".join(f"{key}={path!r}" for key, path in checkpoints.items() if path)
     if given:
-        raise FileNotFoundError(f"no tokenizer files next to {given}: set --tokenizer_dir (roberta-base's "
+        raise FileNotFoundError(f"{given} carries no tokenizer files (a directory with tokenizer.json or vocab.json + "
+                                "merges.txt; an original .ckpt has none): set --tokenizer_dir (roberta-base's "
                                 "vocab.json + merges.txt for the released checkpoints)")
     cache = os.path.join(out_dir, "tokenizer")
     return demo_tokenizer(cache_dir=cache), cache

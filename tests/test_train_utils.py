@@ -46,8 +46,8 @@ def test_configure_rejects_bad_overrides(argv, match):
 
 
 def test_configure_key_in_consecutive_arguments(tmp_path):
-    # bash turns an unquoted --out_dir=x/{a,b} into two --out_dir arguments in a row (a shard pattern into one a
-    # shard): keeping the last one would silently drop the others
+    # bash turns an unquoted --out_dir=x/{a,b} into two --out_dir arguments in a row (a shard pattern into one
+    # argument per shard): keeping the last one would silently drop the others
     with pytest.raises(ValueError, match="'out_dir' in consecutive arguments .*'--out_dir=x/b'"):
         tu.configure(_defaults(), ["--lr=0.1", "--out_dir=x/a", "--out_dir=x/b"])
     with pytest.raises(ValueError, match="unknown config key 'HEADS'"):  # upper case: a constant, not a setting
@@ -197,7 +197,7 @@ def test_load_tokenizer_never_pairs_a_checkpoint_with_the_demo_tokenizer(tmp_pat
     weights_only = tmp_path / "hf"  # e.g. transformers' save_pretrained of the model alone, or a .ckpt file
     weights_only.mkdir()
     (weights_only / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="no tokenizer files next to text_init=.*hf.*set --tokenizer_dir"):
+    with pytest.raises(FileNotFoundError, match="text_init=.*hf' carries no tokenizer files .*: set --tokenizer_dir"):
         tu.load_tokenizer("", out, init_from="", text_init=str(weights_only))
     assert tu.load_tokenizer(where, out, init_from=str(weights_only))[1] == where
     with pytest.raises(FileNotFoundError, match="init_from='/nowhere/x.ckpt': no such file"):
