@@ -49,7 +49,7 @@ init_from = "auto"           # BridgeTower checkpoint (HF dir, original .ckpt, o
                              # demo's out/pretrain/final if it exists, else random weights of model_size
 model_size = "tiny"          # BridgeTowerConfig preset for random weights
 image_size = 64              # pixels (576 in the paper, position embeddings interpolated from the checkpoint's)
-dropout = 0.0                # hidden and attention dropout of random-weight models (checkpoints bring their own)
+dropout = None               # hidden and attention dropout; None: init_from's own (0.1 in released checkpoints), else 0.0
 tokenizer_dir = ""           # "" -> init_from's tokenizer files, else the demo tokenizer
 # data
 data_dir = ""                # VQAv2 json files; "" -> the synthetic set, written to synthetic_dir
@@ -602,9 +602,9 @@ def build_model(init_path, vocab_size, num_answers):
     if init_path:
         # a new VQA head; the image position table is interpolated to image_size (288 -> 576 in the paper)
         return BridgeTower.from_pretrained(init_path, image_size=image_size, heads=("vqa",),
-                                           num_vqa_answers=num_answers)
+                                           num_vqa_answers=num_answers, **tu.dropout_config(dropout))
     config = BridgeTowerConfig.preset(model_size, vocab_size=vocab_size, image_size=image_size, heads=("vqa",),
-                                      num_vqa_answers=num_answers, hidden_dropout=dropout, attention_dropout=dropout)
+                                      num_vqa_answers=num_answers, **tu.dropout_config(dropout or 0.0))
     return BridgeTower(config)
 
 

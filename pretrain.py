@@ -45,8 +45,8 @@ text_init = ""               # RoBERTa HF dir (roberta-base) -> from_unimodal
 vision_init = ""             # CLIP: HF dir (openai/clip-vit-base-patch16) or OpenAI ViT-B-16.pt
 model_size = "tiny"          # BridgeTowerConfig preset when not init_from: tiny | base | large
 image_size = 64              # pixels (288 in the paper)
-dropout = 0.0                # hidden and attention dropout when not init_from, whose config brings its own (0.1 in
-                             # the paper; the demo's data never repeats)
+dropout = None               # hidden and attention dropout (0.1 in the paper); None: init_from's own, else 0.0 (the
+                             # demo's data never repeats)
 # data
 data = "synthetic"           # build_pretrain_loader sources: synthetic | wds:... | coco:...@... | vg:...@..., comma-joined
 tokenizer_dir = ""           # "" -> the tokenizer of init_from or text_init, else the demo tokenizer trained on synthetic text
@@ -167,9 +167,9 @@ def evaluate(model, tokenizer, dist, autocast):
 
 def build_model(vocab_size):
     if init_from:
-        return BridgeTower.from_pretrained(init_from, image_size=image_size, heads=HEADS)
+        return BridgeTower.from_pretrained(init_from, image_size=image_size, heads=HEADS, **tu.dropout_config(dropout))
     config = BridgeTowerConfig.preset(model_size, vocab_size=vocab_size, image_size=image_size, heads=HEADS,
-                                      hidden_dropout=dropout, attention_dropout=dropout)
+                                      **tu.dropout_config(dropout or 0.0))
     if text_init or vision_init:
         return BridgeTower.from_unimodal(config, text_path=text_init or None, vision_path=vision_init or None)
     return BridgeTower(config)
@@ -348,8 +348,8 @@ def random_batch(n, vocab_size, generator):
 def run_bench(dist):
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     torch.manual_seed(seed)
-    cfg = BridgeTowerConfig.preset(model_size, image_size=image_size, heads=HEADS, hidden_dropout=dropout,
-                                   attention_dropout=dropout)  # random weights: speed does not depend on them
+    cfg = BridgeTowerConfig.preset(model_size, image_size=image_size, heads=HEADS,
+                                   **tu.dropout_config(dropout or 0.0))  # random weights: speed does not depend on them
     model = BridgeTower(cfg).to(dist.device)
     optimizer = make_optimizer(model, dist.device)
     model = wrap_for_training(model, dist)

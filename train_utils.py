@@ -117,11 +117,16 @@ TRAINING_RULES = dict(  # the settings both training scripts share
     batch_size=POSITIVE, micro_batch_size=POSITIVE, max_steps=NOT_NEGATIVE, log_interval=POSITIVE,
     eval_interval=NOT_NEGATIVE, ckpt_interval=NOT_NEGATIVE, lr=NOT_NEGATIVE, warmup_ratio=FRACTION,
     weight_decay=NOT_NEGATIVE, adam_eps=POSITIVE, grad_clip=NOT_NEGATIVE, cpu_threads=NOT_NEGATIVE,
-    num_workers=NOT_NEGATIVE, dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    num_workers=NOT_NEGATIVE, dropout=(lambda v: v is None or 0 <= v < 1, "None or in [0, 1)"),
     betas=(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     # <s>, one token and </s> at least; RoBERTa's 514 positions hold 512 tokens
     max_text_len=(lambda v: 3 <= v <= 512, "in [3, 512]"),
 )
+
+
+def dropout_config(p):
+    """BridgeTowerConfig fields for hidden and attention dropout p; for None, none (a checkpoint keeps its own)."""
+    return {} if p is None else dict(hidden_dropout=p, attention_dropout=p)
 
 
 def check_settings(config, **rules):

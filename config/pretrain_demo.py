@@ -10,7 +10,7 @@
 out_dir = "out/pretrain"
 model_size = "tiny"
 image_size = 64
-dropout = 0.0
+dropout = None
 data = "synthetic"
 max_text_len = 20
 mlm_prob = 0.3

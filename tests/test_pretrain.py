@@ -270,3 +270,15 @@ def test_init_from_roberta_and_clip(tmp_path):
     word = "bridgetower.text_model.embeddings.word_embeddings.weight"
     assert torch.equal(saved[word], roberta.embeddings.word_embeddings.weight.detach())
     assert (run / "final" / "vocab.json").read_bytes() == (tok_dir / "vocab.json").read_bytes()
+
+
+def test_dropout_setting_replaces_the_checkpoints(tmp_path, monkeypatch):
+    from model import BridgeTower, BridgeTowerConfig
+    BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, hidden_dropout=0.1,
+                                         attention_dropout=0.1)).save_pretrained(str(tmp_path))
+    monkeypatch.setattr(pretrain, "image_size", 32)
+    monkeypatch.setattr(pretrain, "init_from", str(tmp_path))
+    dropouts = lambda config: (config.hidden_dropout, config.attention_dropout)
+    assert dropouts(pretrain.build_model(300).config) == (0.1, 0.1)  # --dropout unset: the checkpoint's own
+    monkeypatch.setattr(pretrain, "dropout", 0.0)
+    assert dropouts(pretrain.build_model(300).config) == (0.0, 0.0)

@@ -77,7 +77,7 @@ def test_check_settings_names_every_bad_one():
     config = dict(_defaults(), micro_batch_size=0, warmup_ratio=0.1, betas=(0.9,), dropout=1.0, max_text_len=50)
     with pytest.raises(ValueError) as error:
         tu.check_settings(config, **tu.TRAINING_RULES)
-    assert str(error.value) == ("bad settings: --micro_batch_size=0 (must be > 0); --dropout=1.0 (must be in [0, 1)); "
+    assert str(error.value) == ("bad settings: --micro_batch_size=0 (must be > 0); --dropout=1.0 (must be None or in [0, 1)); "
                                 "--betas=(0.9,) (must be two numbers in [0, 1))")
     tu.check_settings(dict(config, micro_batch_size=8, betas=(0.9, 0.98), dropout=0.1), **tu.TRAINING_RULES)
     with pytest.raises(ValueError, match="--betas=\\('a', 'b'\\) \\(must be two numbers"):

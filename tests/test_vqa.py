@@ -542,3 +542,24 @@ def test_finetune_from_a_checkpoint_at_a_new_image_size(tmp_path, tiny_run):
                                 "--image_size=48", "--max_steps=2", "--test_split=", f"--out_dir={tmp_path}"])
     assert f"from {tiny_run['run']}/final at 48px" in stdout
     assert json.load(open(tmp_path / "final" / "config.json"))["vision_config"]["image_size"] == 48
+
+
+def test_dropout_setting_replaces_the_checkpoints(tmp_path, monkeypatch):
+    # --dropout unset keeps the checkpoint's own (0.1 here), a value replaces it in the model built, in both the
+    # config and the layers; random weights default to none
+    from model import BridgeTower, BridgeTowerConfig
+    config = BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, heads=("vqa",), num_vqa_answers=5,
+                                      hidden_dropout=0.1, attention_dropout=0.1)
+    BridgeTower(config).save_pretrained(str(tmp_path))
+    monkeypatch.setattr(fv, "image_size", 32)
+
+    def dropouts(init_path):
+        model = fv.build_model(init_path, 300, 5)
+        layer = model.cross_modal_text_layers[0]
+        return (model.config.hidden_dropout, model.config.attention_dropout, layer.output.dropout,
+                layer.crossattention.self.dropout)
+    assert dropouts(str(tmp_path)) == (0.1, 0.1, 0.1, 0.1)
+    assert dropouts("") == (0.0, 0.0, 0.0, 0.0)
+    monkeypatch.setattr(fv, "dropout", 0.25)
+    assert dropouts(str(tmp_path)) == (0.25, 0.25, 0.25, 0.25)
+    assert dropouts("") == (0.25, 0.25, 0.25, 0.25)
