@@ -279,10 +279,11 @@ def pretrain_transform(size, use_draft=True):
             draft(img, size, size)
         img = to_rgb(img)
         w, h = img.size
-        scale = size / min(w, h)
-        # max(size, ...) keeps rounding from leaving a side one pixel short of the crop
-        resized_w, resized_h = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (resized_w - size) // 2, (resized_h - size) // 2
+        # the original's torchvision Resize(size) + CenterCrop(size): the longer side floored, the offsets rounded
+        # (1024x683 -> 431x288, left 72; rounding the side instead moves every pixel by up to half a source pixel)
+        longer = int(size * max(w, h) / min(w, h))
+        resized_w, resized_h = (size, longer) if w <= h else (longer, size)
+        left, top = int(round((resized_w - size) / 2)), int(round((resized_h - size) / 2))
         # resize only the part the center crop keeps (PIL's box): the same pixels as resize-then-crop (to one
         # uint8 level), ~30% less work
         sx, sy = w / resized_w, h / resized_h

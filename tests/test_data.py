@@ -208,6 +208,19 @@ def test_image_processor_294_pads_with_zeros():
     assert not torch.allclose(out[0, 3, :], torch.full((294,), -data.CLIP_MEAN[0] / data.CLIP_STD[0]))
 
 
+@pytest.mark.parametrize("w, h, resized, offset", [(1024, 683, (431, 288), (72, 0)), (683, 1024, (288, 431), (0, 72)),
+                                                    (500, 375, (384, 288), (48, 0))])
+def test_pretrain_transform_is_torchvision_resize_then_center_crop(w, h, resized, offset):
+    # the original's Resize(288) floors the longer side (1024x683 -> 431, not 432) and CenterCrop rounds the
+    # offset ((431 - 288) / 2 = 71.5 -> 72); the expected sizes are torchvision's, worked out by hand
+    img = natural_image(w, h, 5)
+    full = np.asarray(img.resize(resized, Image.BICUBIC))
+    x, y = offset
+    want = data.normalize(np.ascontiguousarray(full[y:y + 288, x:x + 288]))
+    got = data.pretrain_transform(288, use_draft=False)(img)
+    assert (got - want).abs().max() < 1.01 / 255 / min(data.CLIP_STD)  # <= 1 uint8 level (the resize box)
+
+
 def test_transforms_shapes_determinism_and_draft():
     img = Image.open(io.BytesIO(jpeg_bytes(natural_image(640, 480, 3))))
     # shorter-side resize + center crop is the HF processor whenever both resized sides are multiples of 32
