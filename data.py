@@ -556,6 +556,12 @@ def _text(value):
     return value
 
 
+def _unique(captions):
+    """An image's distinct captions, in order: the original drops repeats (ViLT's BaseDataset, remove_duplicate),
+    e.g. the same VG region phrase on several boxes of one image."""
+    return list(dict.fromkeys(captions))
+
+
 def _malformed(path, where, record, error):
     return ValueError(f"{path}: {where} is not in the expected layout ({type(error).__name__}: {error}): "
                       f"{str(record)[:200]}")
@@ -574,7 +580,7 @@ def coco_source(json_path, root, split):
         try:
             if img["split"] not in splits:
                 continue
-            new_captions = [_text(sentence["raw"]) for sentence in img["sentences"]]
+            new_captions = _unique(_text(sentence["raw"]) for sentence in img["sentences"])
             files.append(os.path.join(img.get("filepath", ""), img["filename"]))
         except (KeyError, TypeError, AttributeError) as e:
             raise _malformed(json_path, f"images[{i}]", img, e) from None
@@ -606,7 +612,7 @@ def vg_source(json_path, root, split):
             if not regions:
                 continue
             image_id = entry.get("id", regions[0].get("image_id"))
-            new_captions = [_text(region["phrase"]) for region in regions]
+            new_captions = _unique(_text(region["phrase"]) for region in regions)
         except (KeyError, TypeError, AttributeError) as e:
             raise _malformed(json_path, f"entry {i}", entry, e) from None
         name = f"{image_id}.jpg"
@@ -873,6 +879,7 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.map_sources = map_sources
         self.shards = [p for s in shard_sources for p in s.shards]
+        self.source_of_shard = {p: s.name for s in shard_sources for p in s.shards}  # for ITM negatives
         map_len = sum(len(s) for s in map_sources)
         shard_len = sum(s.estimated_len for s in shard_sources)
         self.map_weight = map_len / (map_len + shard_len)
@@ -927,6 +934,7 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         if ref[0] == "map":
             _, s, i = ref
             img, caption, key = self.map_sources[s].load(i)
+            source = self.map_sources[s].name
         else:
             _, path, key, members = ref
             f = open_files.get(path)
@@ -947,10 +955,11 @@ class _PretrainStream(torch.utils.data.IterableDataset):
             if not caption.strip():
                 raise _BadSample("no caption (.txt member missing or empty)")
             img, key = Image.open(io.BytesIO(read(image_ext))), f"{path}/{key}"
+            source = self.source_of_shard[path]
         caption = caption.strip()
         if not caption:
             raise _BadSample("empty caption")
-        return self.transform(img), caption, key
+        return self.transform(img), caption, key, source
 
     def _try_load(self, ref, open_files):
         try:
@@ -982,12 +991,12 @@ class _PretrainStream(torch.utils.data.IterableDataset):
     # -- collate: tokenize, MLM masking, ITM negatives
 
     def _collate(self, samples, rng):
-        images, captions, keys = zip(*samples)
+        images, captions, keys, sources = zip(*samples)
         text = self.tokenizer(list(captions), max_length=self.max_text_len, padding="max_length", truncation=True)
         g = torch.Generator().manual_seed(rng.getrandbits(63))
         mlm_input_ids, mlm_labels = mask_tokens(text["input_ids"], text["attention_mask"], self.is_special,
                                                 self.random_token_ids, self.tokenizer.mask_id, self.mlm_prob, g)
-        itm_image_index, itm_labels = itm_negatives(keys, captions, self.itm_neg_prob, g)
+        itm_image_index, itm_labels = itm_negatives(keys, captions, self.itm_neg_prob, g, sources)
         pixel_values = None
         if torch.utils.data.get_worker_info() is not None:
             # stack straight into shared memory, as torch's default_collate does: the batch then crosses to the
@@ -1018,17 +1027,22 @@ def mask_tokens(input_ids, attention_mask, is_special, random_token_ids, mask_id
     return masked, labels
 
 
-def itm_negatives(image_keys, captions, neg_prob, generator):
+def itm_negatives(image_keys, captions, neg_prob, generator, sources=None):
     """round(B * neg_prob) rows get the image of a uniformly random other row (label 0); the rest keep their own.
 
     A row is only a negative for another image *and* another caption: two COCO captions of one image, or two
     synthetic scenes with the same description, would otherwise be "negatives" that actually match.
+    With `sources` (each row's data set), the other row comes from the same data set where the batch has one,
+    else from any: the original draws the negative image from the sample's own data set, and a VG region phrase
+    against a CC photo is an easier negative than against another VG image.
     """
     b = len(image_keys)
+    sources = sources or [None] * b
     index = torch.arange(b)
     labels = torch.ones(b, dtype=torch.long)
     for i in torch.randperm(b, generator=generator)[:round(b * neg_prob)].tolist():
         others = [j for j in range(b) if image_keys[j] != image_keys[i] and captions[j] != captions[i]]
+        others = [j for j in others if sources[j] == sources[i]] or others
         if others:
             index[i] = others[int(torch.randint(len(others), (1,), generator=generator))]
             labels[i] = 0

@@ -504,13 +504,15 @@ def write_coco(tmp_path, images, name="dataset_coco.json"):
 
 def test_coco_splits_bad_images_and_empty_captions(tok, tmp_path):
     spec = write_coco(tmp_path, [
-        ("train", "train2014", "a.jpg", ["caption of a"], scene_jpeg(1)),
+        ("train", "train2014", "a.jpg", ["caption of a", "caption of a"], scene_jpeg(1)),  # a repeat: one pair
         ("restval", "val2014", "b.jpg", ["caption of b", ""], scene_jpeg(2)),
         ("train", "train2014", "missing.jpg", ["caption of missing"], None),
         ("train", "train2014", "corrupt.jpg", ["caption of corrupt"], b"\xff\xd8\xff garbage"),
         ("val", "val2014", "v.jpg", ["caption of v"], scene_jpeg(3)),
     ])
     # train = train + restval: 5 pairs per epoch, 3 of them bad (missing file, corrupt jpeg, empty caption)
+    json_path, _, root = spec.partition(":")[2].rpartition("@")
+    assert len(data.coco_source(json_path, root, "train")) == 5
     batch = take(spec, tok, 1, batch_size=5)[0]
     assert batch["skipped"] == 3
     assert set(captions_of(tok, batch)) == {"caption of a", "caption of b"}
@@ -553,10 +555,12 @@ def test_vg_regions_and_mixing(tok, tmp_path):
     for image_id in (1, 2):
         (root / ("VG_100K" if image_id == 1 else "VG_100K_2") / f"{image_id}.jpg").write_bytes(scene_jpeg(image_id))
         regions.append({"id": image_id, "regions": [
-            {"region_id": 10 * image_id + r, "image_id": image_id, "phrase": f"region {r} of image {image_id}",
-             "x": 0, "y": 0, "width": 10, "height": 10} for r in range(3)]})
+            {"region_id": 10 * image_id + r, "image_id": image_id, "phrase": f"region {r % 3} of image {image_id}",
+             "x": 0, "y": 0, "width": 10, "height": 10} for r in range(4)]})  # region 3 repeats region 0's phrase
     (tmp_path / "region_descriptions.json").write_text(json.dumps(regions))
     vg = f"vg:{tmp_path / 'region_descriptions.json'}@{root}"
+    # an image's repeated phrase is one sample, as in the original (remove_duplicate)
+    assert len(data.vg_source(str(tmp_path / "region_descriptions.json"), str(root), "train")) == 6
     batch = take(vg, tok, 1, batch_size=6)[0]
     assert batch["skipped"] == 0
     assert sorted(captions_of(tok, batch)) == sorted(f"region {r} of image {i}" for i in (1, 2) for r in range(3))
@@ -573,6 +577,23 @@ def test_vg_regions_and_mixing(tok, tmp_path):
     mixed = take(f"{vg},wds:{tmp_path}/s.tar", tok, 4, batch_size=8)
     caps = [c for b in mixed for c in captions_of(tok, b)]
     assert any(c.startswith("region") for c in caps) and any(c.startswith("shard text") for c in caps)
+    # an ITM negative comes from the row's own data set whenever the batch holds another image of it
+    source_of, image_of = (lambda c: c.split()[0]), (lambda c: c[-1] if c.startswith("region") else c)
+    for b in mixed:
+        caps = captions_of(tok, b)
+        for i, j in enumerate(b["itm_image_index"].tolist()):
+            if b["itm_labels"][i] == 0 and source_of(caps[j]) != source_of(caps[i]):
+                assert all(source_of(c) != source_of(caps[i]) or image_of(c) == image_of(caps[i]) for c in caps)
+
+
+def test_itm_negatives_stay_within_a_data_set():
+    keys, captions = [f"image {i}" for i in range(9)], [f"caption {i}" for i in range(9)]
+    sources = ["vg"] * 4 + ["cc"] * 4 + ["coco"]
+    for seed in range(10):
+        index, labels = data.itm_negatives(keys, captions, 1.0, torch.Generator().manual_seed(seed), sources)
+        assert (labels == 0).all()
+        # the lone COCO row has no other COCO image in the batch and borrows one from any set
+        assert all(j != i and (sources[j] == sources[i] or sources[i] == "coco") for i, j in enumerate(index.tolist()))
 
 
 def test_missing_paths_and_empty_sources_fail_before_training(tok, tmp_path):
