@@ -490,8 +490,16 @@ class BridgeTower(nn.Module):
         if pixel_values is None:
             raise ValueError("BridgeTower needs pixel_values")
         key_mask = None  # no mask at all when nothing is padded: the fastest attention path
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_mask = attention_mask.bool()
+        if attention_mask is not None:
+            # one host sync for both facts
+            unpadded, no_empty_row = torch.stack([attention_mask.all(), attention_mask.any(-1).all()]).tolist()
+            if not no_empty_row:
+                # HF would attend uniformly to the padding (every score -inf alike), SDPA gives zeros: neither means
+                # anything, so say so rather than return either (a tokenizer always yields <s> and </s>)
+                rows = torch.nonzero(~attention_mask.any(-1)).flatten().tolist()
+                raise ValueError(f"attention_mask rows {rows} are all 0: no token to attend to")
+            if not unpadded:
+                key_mask = attention_mask.bool()
 
         t, ct, ci, image_input = self._encode(input_ids, pixel_values, key_mask, skip_last_image_layer=mlm_only)
         out = BridgeTowerOutput(text_features=ct, image_features=ci)
@@ -814,6 +822,13 @@ def read_hf_checkpoint(directory):
         raise FileNotFoundError(f"{directory}: no config.json")
     state = {k.removeprefix("bridgetower."): v for k, v in raw.items()}
     state, notes = drop_ignored(state, IGNORED_HF)
+    word = state.get("text_model.embeddings.word_embeddings.weight")
+    if hf.get("tie_word_embeddings") and "mlm_score.bias" in state and "mlm_score.decoder.weight" not in state \
+            and word is not None:
+        # HF ties the MLM decoder to the word embeddings, and save_pretrained writes the shared tensor once
+        state["mlm_score.decoder.weight"] = word.clone()
+        notes.append("tie_word_embeddings: mlm_score.decoder.weight copied from the word embeddings (untied here, "
+                     "as in the original: they train separately)")
     return state, config_from_hf(hf, source), source, notes
 
 
