@@ -189,15 +189,20 @@ def to_rgb(img):
 
 
 def draft(img, min_w, min_h):
-    """Let the JPEG decoder downscale by 2/4/8 in the DCT while keeping both sides >= the request.
+    """Let the JPEG decoder downscale by 2/4/8 in the DCT while keeping both sides >= the request; returns that
+    scale s (1: no draft, for other formats or already-loaded images).
 
+    Pixel (x, y) of the full image is (x / s, y / s) of the drafted one, whose sides are rounded *up* (577 px
+    at s = 4 gives 145, of which 144.25 are image): take all geometry from the full size, then divide by s.
     Measured: a 1280x960 JPEG decodes 1.6x faster at half size, and the bicubic resize that follows then reads
     4x fewer pixels; that resize also hides the small difference to a full decode.
-    No-op for other formats or already-loaded images.
     """
     if getattr(img, "format", None) == "JPEG" and getattr(img, "tile", None):
-        img.draft("RGB", (max(1, int(min_w)), max(1, int(min_h))))
-    return img
+        w = img.size[0]
+        drafted = img.draft("RGB", (max(1, int(min_w)), max(1, int(min_h))))
+        if drafted is not None:
+            return w / drafted[1][2]  # Pillow's box: (0, 0, w / s, h / s); a power of two, so exact
+    return 1
 
 
 _NORM_SCALE = 1.0 / (255.0 * torch.tensor(CLIP_STD).view(3, 1, 1))
@@ -275,9 +280,6 @@ class ImageProcessor:
 def pretrain_transform(size, use_draft=True):
     """Pre-training images: shorter side -> size (bicubic), center crop, no augmentation (the original recipe)."""
     def transform(img, rng=None):
-        if use_draft:
-            draft(img, size, size)
-        img = to_rgb(img)
         w, h = img.size
         # the original's torchvision Resize(size) + CenterCrop(size): the longer side floored, the offsets rounded
         # (1024x683 -> 431x288, left 72; rounding the side instead moves every pixel by up to half a source pixel)
@@ -287,8 +289,9 @@ def pretrain_transform(size, use_draft=True):
         # resize only the part the center crop keeps (PIL's box): the same pixels as resize-then-crop (to one
         # uint8 level), ~30% less work
         sx, sy = w / resized_w, h / resized_h
-        img = img.resize((size, size), Image.BICUBIC, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
-        return normalize(np.asarray(img))
+        s = draft(img, size, size) if use_draft else 1
+        box = (left * sx / s, top * sy / s, (left + size) * sx / s, (top + size) * sy / s)
+        return normalize(np.asarray(to_rgb(img).resize((size, size), Image.BICUBIC, box=box)))
     return transform
 
 
@@ -299,9 +302,9 @@ def eval_transform(size, square_resize=True, use_draft=True):
         return lambda img, rng=None: processor.process(img)
 
     def transform(img, rng=None):
-        if use_draft:
-            draft(img, size, size)
-        return normalize(np.asarray(to_rgb(img).resize((size, size), Image.BICUBIC)))
+        w, h = img.size
+        s = draft(img, size, size) if use_draft else 1
+        return normalize(np.asarray(to_rgb(img).resize((size, size), Image.BICUBIC, box=(0, 0, w / s, h / s))))
     return transform
 
 
@@ -377,11 +380,9 @@ def train_transform(size, scale=(0.5, 1.0), randaugment=(2, 5), use_draft=True):
 
     def transform(img, rng=None):
         rng = rng or random
-        if use_draft:
-            draft(img, draft_side, draft_side)
-        img = to_rgb(img)
-        box = _random_resized_crop_box(*img.size, scale, ratio, rng)
-        img = img.resize((size, size), Image.BICUBIC, box=box)
+        box = _random_resized_crop_box(*img.size, scale, ratio, rng)  # on the full image: draft or not, one crop
+        s = draft(img, draft_side, draft_side) if use_draft else 1
+        img = to_rgb(img).resize((size, size), Image.BICUBIC, box=tuple(b / s for b in box))
         for op in [rng.choice(ops) for _ in range(num_ops)]:
             if rng.random() < 0.5:
                 img = op(img, rng)

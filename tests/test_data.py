@@ -221,6 +221,21 @@ def test_pretrain_transform_is_torchvision_resize_then_center_crop(w, h, resized
     assert (got - want).abs().max() < 1.01 / 255 / min(data.CLIP_STD)  # <= 1 uint8 level (the resize box)
 
 
+def test_draft_keeps_the_geometry_of_the_full_image():
+    # 577 px at draft scale 4 decodes to 145 px of which 144.25 are image: geometry taken from the drafted size
+    # misplaced the crop (mean 9 uint8 levels off in pre-training, 4 in eval and train; the random crop also
+    # differed from the full decode's for the same seed). What remains is the DCT's own downscaling.
+    payload = jpeg_bytes(natural_image(577, 1024, 3))
+    level = 1 / 255 / torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    for make in (data.pretrain_transform, data.eval_transform,
+                 lambda size, use_draft=True: data.train_transform(size, randaugment=(0, 5), use_draft=use_draft)):
+        full = make(128, use_draft=False)(Image.open(io.BytesIO(payload)), random.Random(1))
+        drafted_image = Image.open(io.BytesIO(payload))
+        drafted = make(128)(drafted_image, random.Random(1))
+        assert drafted_image.size in ((145, 256), (289, 512))  # decoded at a quarter (train's crops: a half)
+        assert ((drafted - full).abs() / level).mean() < 3
+
+
 def test_transforms_shapes_determinism_and_draft():
     img = Image.open(io.BytesIO(jpeg_bytes(natural_image(640, 480, 3))))
     # shorter-side resize + center crop is the HF processor whenever both resized sides are multiples of 32
