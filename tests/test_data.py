@@ -271,6 +271,23 @@ def test_randaugment_keeps_colours_and_sides():
         assert left > 3 * right and left > 20
 
 
+@pytest.mark.parametrize("magnitude", [3, 5, 9])
+def test_randaugment_shortcuts_change_no_pixel(magnitude):
+    # the shifts resample NEAREST (whole pixels) and an enhance factor of 1 is skipped: both must give exactly
+    # what the plain bilinear affine and ImageEnhance give
+    from PIL import ImageEnhance
+    ops, m, img = data._randaugment_ops(magnitude), magnitude / 10, natural_image(96, 80, 6)
+    for seed in range(4):
+        sign = 1 if random.Random(seed).random() < 0.5 else -1
+        shift = sign * 10 * m
+        for name, coeffs in (("TranslateX", (1, 0, shift, 0, 1, 0)), ("TranslateY", (1, 0, 0, 0, 1, shift))):
+            want = img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=(128, 128, 128))
+            assert ops[name](img, random.Random(seed)).tobytes() == want.tobytes(), (name, seed)
+    for name in ("Brightness", "Sharpness"):
+        want = getattr(ImageEnhance, name)(img).enhance(0.1 + 1.8 * m)
+        assert ops[name](img, random.Random(0)).tobytes() == want.tobytes(), name
+
+
 def test_randaugment_is_the_originals(monkeypatch):
     # BridgeTower's VQA transform: BLIP's RandomAugment(2, 5) over ten ops, each drawn op applied with p = 1/2
     ops = data._randaugment_ops(5)
