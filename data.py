@@ -112,14 +112,14 @@ class Tokenizer:
 
 
 def _demo_corpus():
-    """Every caption and question wording the synthetic tasks use, so each of their words is one BPE token."""
+    """The synthetic captions, and more question wordings than finetune_vqa.py asks, so that each of their words
+    is one BPE token (byte-level BPE still encodes any other text). Editing it changes the demo tokenizer's ids."""
     rng = random.Random(0)
     texts = []
     for _ in range(3000):
         objects = _place_objects(rng, 64)
         texts.append(scene_caption(objects, rng))
-    # Questions and answers about the scenes (the VQA owner's wording may differ a little: byte-level BPE
-    # still encodes any text, only less compactly).
+    # questions and answers about the scenes
     for color in COLORS:
         for shape in SHAPES:
             for size in SIZES:
@@ -295,12 +295,8 @@ def pretrain_transform(size, use_draft=True):
     return transform
 
 
-def eval_transform(size, square_resize=True, use_draft=True):
-    """VQA evaluation: the whole image squashed to size x size (the original VQA recipe), or HF's processor."""
-    if not square_resize:
-        processor = ImageProcessor(size)
-        return lambda img, rng=None: processor.process(img)
-
+def eval_transform(size, use_draft=True):
+    """VQA evaluation: the whole image squashed to size x size (the original VQA recipe)."""
     def transform(img, rng=None):
         w, h = img.size
         s = draft(img, size, size) if use_draft else 1
@@ -338,8 +334,8 @@ def _randaugment_ops(magnitude):
     Ten ops and no colour change: no Color, Contrast, Posterize or Solarize, since VQA answers name colours.
     Brightness and Sharpness get the factor 0.1 + 1.8 * m / 10, which is exactly 1 (no change) at the recipe's
     magnitude 5. Shear (0.3 * m / 10), rotation (30 degrees * m / 10) and translation (m pixels, whatever the
-    image size) take a random sign, resample bilinearly and fill with grey. There is no flip anywhere, for the
-    same kind of reason as colour: "left of" must stay left.
+    image size) take a random sign, resample bilinearly (shifts by whole pixels: nearest, the same pixels) and fill
+    with grey. There is no flip anywhere, for the same kind of reason as colour: "left of" must stay left.
     """
     m = magnitude / 10.0
     factor = 0.1 + 1.8 * m
@@ -990,7 +986,7 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         # which is what makes a resumed run replay exactly
         samples = [s if s is not None else rng.choice(good) for s in samples]
         batch = self._collate(samples, rng)
-        batch["skipped"] = skipped + counters["skipped"]
+        batch["skipped"] = skipped + counters["skipped"]  # unusable samples, and 1 per abandoned shard
         counters["skipped"] = 0
         return batch
 
@@ -1056,10 +1052,9 @@ def itm_negatives(image_keys, captions, neg_prob, generator, sources=None):
 
 
 class PretrainLoader:
-    """Infinite iterator over pre-training batches; batch_index is the index of the next batch (save it to resume)."""
+    """Infinite iterator over pre-training batches (the stream itself starts at the resume point)."""
 
-    def __init__(self, dataset, num_workers, start_batch):
-        self.batch_index = start_batch
+    def __init__(self, dataset, num_workers):
         # batch_size=None: the workers already yield whole batches; pinned memory speeds the host-to-GPU copy.
         # A private generator: otherwise the DataLoader draws its worker seed from torch's global RNG when its
         # iterator starts, which shifts the training's dropout masks after a resume (our streams seed themselves).
@@ -1074,9 +1069,7 @@ class PretrainLoader:
     def __next__(self):
         if self._it is None:
             self._it = iter(self.dataloader)
-        batch = next(self._it)
-        self.batch_index += 1
-        return batch
+        return next(self._it)
 
 
 def build_pretrain_loader(sources="synthetic", tokenizer=None, *, split="train", image_size=288, batch_size=32,
@@ -1101,7 +1094,7 @@ def build_pretrain_loader(sources="synthetic", tokenizer=None, *, split="train",
     dataset = _PretrainStream(map_sources, shard_sources, tokenizer, image_size=image_size, batch_size=batch_size,
                               max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob, rank=rank,
                               world_size=world_size, seed=seed, start_batch=start_batch)
-    return PretrainLoader(dataset, num_workers, start_batch)
+    return PretrainLoader(dataset, num_workers)
 
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import pretrain
 import train_utils as tu
 from data import COLORS, SHAPES, Tokenizer, eval_transform, make_scene, train_transform
 from model import BridgeTower, BridgeTowerConfig
@@ -98,6 +97,14 @@ checkpoint = ""              # saved model dir (save_pretrained + answers.json +
 RESUME_FIXED = ("init_from", "model_size", "image_size", "dropout", "tokenizer_dir", "synthetic_images",
                 "train_splits", "vocab_splits", "min_answer_count", "max_text_len", "batch_size", "micro_batch_size",
                 "seed", "weight_decay", "betas", "adam_eps", "lr_mult_heads", "lr_mult_cross_modal")
+
+
+def resume_fixed(saved):
+    """RESUME_FIXED, and eval_split and eval_holdout when the evaluation split is trained on, in the checkpoint's
+    run or now: its held-out images are then missing from the training data."""
+    eval_trained = {saved["eval_split"], eval_split} & set(splits_of(train_splits))
+    return RESUME_FIXED + (("eval_split", "eval_holdout") if eval_trained else ())
+
 
 # -----------------------------------------------------------------------------
 # The official VQA accuracy, after GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py
@@ -538,6 +545,21 @@ def prepare_data(dist):
     return synthetic_dir, synthetic_dir
 
 
+def answer_vocabulary(root):
+    """The answers seen min_answer_count times in vocab_splits' annotations (3129 for VQAv2 train + val at 9)."""
+    annotations = []
+    for split in splits_of(vocab_splits):
+        split_annotations = load_annotations(root, split)
+        if split_annotations is None:  # a vocabulary from fewer splits would silently change the label set
+            raise FileNotFoundError(f"no annotations for vocab_splits' {split}: {annotations_path(root, split)}")
+        annotations += split_annotations
+    answers = build_answer_vocab(annotations, min_answer_count)
+    if not answers:
+        raise ValueError(f"no answer is seen {min_answer_count} times in the annotations of {vocab_splits}: "
+                         "lower --min_answer_count")
+    return answers
+
+
 def holdout_images(questions):
     """The last eval_holdout images of a split (in question-file order): kept out of training, evaluated on."""
     image_ids = list(dict.fromkeys(q["image_id"] for q in questions))
@@ -546,12 +568,12 @@ def holdout_images(questions):
     return set(image_ids[len(image_ids) - eval_holdout:]) if eval_holdout else set()
 
 
-def load_training_set(root, images, answer_to_label, held_out):
+def load_training_set(root, image_dir, answer_to_label, held_out):
     """Training questions with targets, over train_splits, minus held-out images. Returns (items, annotations
     of the kept questions, number dropped for having no answer in the vocabulary)."""
     items, annotations, dropped = [], [], 0
     for split in splits_of(train_splits):
-        questions = [q for q in load_questions(root, split, images) if q["image_id"] not in held_out.get(split, ())]
+        questions = [q for q in load_questions(root, split, image_dir) if q["image_id"] not in held_out.get(split, ())]
         split_annotations = load_annotations(root, split)
         if split_annotations is None:
             raise FileNotFoundError(f"no annotations for training split {split}: {annotations_path(root, split)}")
@@ -563,9 +585,9 @@ def load_training_set(root, images, answer_to_label, held_out):
     return items, annotations, dropped
 
 
-def load_eval_set(root, images, held_out):
+def load_eval_set(root, image_dir, held_out):
     """(questions, annotations) of eval_split: all of it, or its held-out images when it is also trained on."""
-    questions = load_questions(root, eval_split, images)
+    questions = load_questions(root, eval_split, image_dir)
     annotations = load_annotations(root, eval_split)
     if annotations is None:
         raise FileNotFoundError(f"eval_split {eval_split} has no annotations: {annotations_path(root, eval_split)}")
@@ -588,7 +610,7 @@ def load_eval_set(root, images, held_out):
 # -----------------------------------------------------------------------------
 # Model, tokenizer, optimiser
 
-PRETRAIN_DEMO_MODEL = os.path.join(pretrain.out_dir, "final")       # where `python pretrain.py` leaves its model
+PRETRAIN_DEMO_MODEL = "out/pretrain/final"  # where `python pretrain.py` (its default out_dir) leaves its model
 
 
 def resolve_init():
@@ -635,12 +657,12 @@ def predict_answers(model, questions, answers, tokenizer, dist, fallback, autoca
     """{question_id: answer} for every question: each rank answers its share, all ranks get the union. A question
     whose image cannot be read gets the answer `fallback` (the callers give the training majority answer), so
     that a submission still covers every question; how many did is printed."""
-    batch = 2 * micro_batch_size  # no activations kept for backward
+    eval_batch_size = 2 * micro_batch_size  # no activations kept for backward
     model.eval()
     mine = questions[dist.rank::dist.world_size]
     dataset = VQADataset(mine, eval_transform(image_size), len(answers))
-    loader = make_loader(dataset, [[(i, "") for i in range(s, min(s + batch, len(mine)))]
-                                   for s in range(0, len(mine), batch)], tokenizer)
+    loader = make_loader(dataset, [[(i, "") for i in range(s, min(s + eval_batch_size, len(mine)))]
+                                   for s in range(0, len(mine), eval_batch_size)], tokenizer)
     predictions, unreadable = {}, []
     for b in loader:
         with autocast:
@@ -737,31 +759,19 @@ def main():
     t_start = time.time()
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     tu.check_out_dir(out_dir, resume)
-    root, images = prepare_data(dist)
+    root, image_dir = prepare_data(dist)
 
     # the answer vocabulary: from the annotations, or from the checkpoint when resuming (it must not move)
     ckpt = tu.load_latest_checkpoint(out_dir, "finetune_vqa", dist=dist) if resume else None
     if ckpt is not None:  # every rank checks the settings, before anything is built from them
-        # the evaluation split and its holdout change the training data only when it is also trained on
-        holdout = ("eval_split", "eval_holdout") if ckpt["config"]["eval_split"] in splits_of(train_splits) else ()
-        message = tu.resume_message(out_dir, ckpt["step"], ckpt["config"], config, fixed=RESUME_FIXED + holdout)
+        message = tu.resume_message(out_dir, ckpt["step"], ckpt["config"], config, fixed=resume_fixed(ckpt["config"]))
         answers = ckpt["answers"]
     else:
-        vocab_annotations = []
-        for split in splits_of(vocab_splits):
-            split_annotations = load_annotations(root, split)
-            if split_annotations is None:  # a vocabulary from fewer splits would silently change the label set
-                raise FileNotFoundError(f"no annotations for vocab_splits' {split}: {annotations_path(root, split)}")
-            vocab_annotations += split_annotations
-        answers = build_answer_vocab(vocab_annotations, min_answer_count)
-        del vocab_annotations
-        if not answers:
-            raise ValueError(f"no answer is seen {min_answer_count} times in the annotations of {vocab_splits}: "
-                             "lower --min_answer_count")
+        answers = answer_vocabulary(root)
     answer_to_label = {a: i for i, a in enumerate(answers)}
     trained_on_eval = eval_split in splits_of(train_splits)
-    held_out = {eval_split: holdout_images(load_questions(root, eval_split, images))} if trained_on_eval else {}
-    train_items, train_annotations, dropped = load_training_set(root, images, answer_to_label, held_out)
+    held_out = {eval_split: holdout_images(load_questions(root, eval_split, image_dir))} if trained_on_eval else {}
+    train_items, train_annotations, dropped = load_training_set(root, image_dir, answer_to_label, held_out)
     if not train_items:
         raise ValueError(f"none of the questions of {train_splits} has an answer in the vocabulary ({dropped} "
                          "dropped)")
@@ -776,11 +786,7 @@ def main():
     tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_path)
     torch.manual_seed(seed)  # the same initial head on every rank (DDP also broadcasts rank 0's)
     if ckpt is not None:
-        model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        if ckpt["world_size"] != dist.world_size or ckpt["accum"] != accum:
-            raise ValueError(f"checkpoint was written by {ckpt['world_size']} processes x {ckpt['accum']} micro-steps; "
-                             f"resuming needs the same to keep the data order")
+        model = tu.model_from_checkpoint(ckpt, dist)
         weights_from = os.path.join(out_dir, tu.CKPT_NAME)
     else:
         if resume and dist.is_master:
@@ -809,7 +815,7 @@ def main():
     if compile:
         model = torch.compile(model)
     if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     autocast = tu.autocast(dist.device, dtype)
     loss_fn = lambda m, b: vqa_loss(m, b, dist.device, autocast)
 
@@ -817,16 +823,16 @@ def main():
                          len(answers))
     loader = iter(make_loader(dataset, micro_batch_schedule(len(train_items), step, accum, dist), tokenizer))
     if eval_split:
-        eval_questions, eval_annotations = load_eval_set(root, images, held_out)
+        eval_questions, eval_annotations = load_eval_set(root, image_dir, held_out)
         check_image_root(eval_questions)
     if test_split:  # read now, so that a missing file or image folder stops the run before training, not after
-        test_questions = load_questions(root, test_split, images)
+        test_questions = load_questions(root, test_split, image_dir)
         check_image_root(test_questions)
     logger = tu.MetricLogger(out_dir, dist.is_master)
     warmup_steps = int(warmup_ratio * total_steps)
     cfg = raw_model.config
     # questions are padded to the longest in the batch, so max_text_len overstates the FLOPs (MFU is an upper bound)
-    step_flops = batch_size * tu.flops_per_sample(cfg, max_text_len, heads=("vqa",))
+    flops = batch_size * tu.flops_per_sample(cfg, max_text_len, heads=("vqa",))
     peak = tu.peak_flops(dist.device)
     if dist.is_master:
         n_params = sum(p.numel() for p in raw_model.parameters())
@@ -837,7 +843,7 @@ def main():
     def checkpoint_now():
         state = {"kind": "finetune_vqa", "model": raw_model.state_dict(), "model_config": asdict(cfg),
                  "optimizer": optimizer.state_dict(),
-                 "step": step, "data_position": step * accum, "accum": accum, "world_size": dist.world_size,
+                 "step": step, "accum": accum, "world_size": dist.world_size,
                  "skipped": skipped, "answers": answers, "config": config, "rng": tu.gather_rng_states(dist)}
         if dist.is_master:
             tu.save_checkpoint(out_dir, state)
@@ -848,6 +854,8 @@ def main():
         logger.log(step, kind="eval", vqa_acc=result["overall"] / 100,
                    **{f"{t.replace('/', '')}_acc": v / 100 for t, v in result["perAnswerType"].items()})
         tu.set_rng_state(state)
+
+    skipped_local = 0  # this rank's, over one step's micro-batches
 
     def micro_batches():
         nonlocal skipped_local
@@ -874,7 +882,7 @@ def main():
         dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
         metrics.update(lr=lr * factor, ms=dt * 1e3, samples_s=batch_size / dt)
         if peak:
-            metrics["mfu"] = step_flops / dt / (peak * dist.world_size)
+            metrics["mfu"] = flops / dt / (peak * dist.world_size)
         metrics.update(epoch=step / steps_per_epoch, eta=tu.format_eta((total_steps - step) * dt_avg), skipped=skipped)
         logger.log(step, echo=step % log_interval == 0 or step == total_steps, **metrics)
     train_time = time.time() - t_train

@@ -16,6 +16,7 @@ the tokenizer files), which finetune_vqa.py can start from, and, from scratch, t
 `python pretrain.py --help` lists every setting with its default.
 """
 import os
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -102,7 +103,7 @@ def pretrain_loss(model, batch, device, autocast=nullcontext()):
         itm_logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                            pixel_values=batch["pixel_values"][batch["itm_image_index"]], heads=("itm",)).itm_logits
     labels, itm_labels = batch["mlm_labels"][masked], batch["itm_labels"]
-    n_masked = max(1, labels.numel())  # sum / count: a micro-batch with no masked token gives 0, not NaN
+    n_masked = max(1, labels.numel())  # 0, not NaN, if none is masked (bench's random batches; mask_tokens picks one)
     mlm_loss = F.cross_entropy(mlm_logits.float(), labels, reduction="sum") / n_masked
     itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
     metrics = {
@@ -230,11 +231,7 @@ def main():
     ckpt = tu.load_latest_checkpoint(out_dir, "pretrain", dist=dist) if resume else None
     if ckpt is not None:  # every rank checks the settings, before anything is built from them
         message = tu.resume_message(out_dir, ckpt["step"], ckpt["config"], config, fixed=RESUME_FIXED)
-        model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        if ckpt["world_size"] != dist.world_size or ckpt["accum"] != accum:
-            raise ValueError(f"checkpoint was written by {ckpt['world_size']} processes x {ckpt['accum']} micro-steps; "
-                             f"resuming needs the same to keep the data order")
+        model = tu.model_from_checkpoint(ckpt, dist)
     else:
         if resume and dist.is_master:
             print(f"resume: no checkpoint in {out_dir}, starting from scratch")
@@ -273,13 +270,15 @@ def main():
         print(f"model {n_params / 1e6:.2f}M parameters | {dist.world_size} process(es) x {accum} micro-steps x "
               f"{micro_batch_size} = batch {batch_size} | {max_steps} steps | device {dist.device}")
 
-    def checkpoint():
+    def checkpoint_now():
         state = {"kind": "pretrain", "model": raw_model.state_dict(), "model_config": asdict(cfg),
                  "optimizer": optimizer.state_dict(),
                  "step": step, "data_position": step * accum, "accum": accum, "world_size": dist.world_size,
                  "config": config, "skipped": skipped, "rng": tu.gather_rng_states(dist)}
         if dist.is_master:
             tu.save_checkpoint(out_dir, state)
+
+    skipped_local = 0  # this rank's, over one step's micro-batches
 
     def micro_batches():
         nonlocal skipped_local
@@ -288,13 +287,13 @@ def main():
             skipped_local += int(batch.get("skipped", 0))
             yield batch
 
-    dt_avg, t_start = None, time.time()
+    dt_avg, t_train = None, time.time()
     while step < max_steps:
         if step > start_step or step == 0:  # a resumed run already did these at its start step
             if eval_interval and step % eval_interval == 0:
                 logger.log(step, kind="eval", **evaluate(raw_model, tokenizer, dist, autocast))
             if ckpt_interval and step % ckpt_interval == 0 and step > 0:
-                checkpoint()
+                checkpoint_now()
         t0 = time.time()
         factor = tu.lr_factor(step, max_steps, warmup_steps)
         tu.set_lr(optimizer, lr, factor)
@@ -312,12 +311,12 @@ def main():
 
     # saved before the last validation, so that a failure there (bad validation data, memory) loses no training
     if step > start_step:
-        checkpoint()
+        checkpoint_now()
     if dist.is_master:
         final_dir = os.path.join(out_dir, "final")
         raw_model.save_pretrained(final_dir)
         tu.copy_tokenizer(tok_dir, final_dir)
-        print(f"saved {final_dir} | {step} steps in {time.time() - t_start:.0f}s")
+        print(f"saved {final_dir} | {step} steps in {time.time() - t_train:.0f}s")
     final = evaluate(raw_model, tokenizer, dist, autocast)
     logger.log(step, kind="eval", **final)
     if dist.is_master:
@@ -333,7 +332,7 @@ def random_batch(n, vocab_size, generator):
     """Random tensors shaped like a training micro-batch. Captions are padded to max_text_len as in training, so
     the text attention takes its masked path; real captions fill about 10-20 of the 50 tokens, these a quarter
     to all of max_text_len."""
-    ids = torch.randint(3, vocab_size, (n, max_text_len), generator=generator)
+    ids = torch.randint(5, vocab_size, (n, max_text_len), generator=generator)  # past RoBERTa's special ids 0-4
     lengths = torch.randint(max(1, max_text_len // 4), max_text_len + 1, (n,), generator=generator)
     attention_mask = (torch.arange(max_text_len)[None, :] < lengths[:, None]).long()
     ids = ids.masked_fill(attention_mask == 0, 1)  # RoBERTa's <pad>
@@ -341,8 +340,9 @@ def random_batch(n, vocab_size, generator):
     masked = (torch.rand(ids.shape, generator=generator) < mlm_prob) & attention_mask.bool()
     labels[masked] = ids[masked]
     return {"pixel_values": torch.randn(n, 3, image_size, image_size, generator=generator), "input_ids": ids,
-            "attention_mask": attention_mask, "mlm_input_ids": ids.masked_fill(masked, 4), "mlm_labels": labels,
-            "itm_image_index": torch.randperm(n, generator=generator), "itm_labels": torch.randint(0, 2, (n,), generator=generator)}
+            "attention_mask": attention_mask, "mlm_input_ids": ids.masked_fill(masked, 4),  # 4: <mask>
+            "mlm_labels": labels, "itm_image_index": torch.randperm(n, generator=generator),
+            "itm_labels": torch.randint(0, 2, (n,), generator=generator)}
 
 
 def run_bench(dist):
@@ -377,7 +377,7 @@ def run_bench(dist):
         if dist.is_master:
             mfu = f" | mfu {flops / dt / (peak * dist.world_size):.3f}" if peak else ""
             print(f"bench step {step} | ms {dt * 1e3:.0f} | samples/s {batch_size / dt:.2f}{mfu}", flush=True)
-    dt = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first (warm-up) step dropped
+    dt = statistics.median(times[1:] or times)  # first (warm-up) step dropped
     if dist.is_master:
         mfu = f" mfu={flops / dt / (peak * dist.world_size):.3f}" if peak else ""
         print(f"bench: median ms/step={dt * 1e3:.0f} samples/s={batch_size / dt:.2f} "

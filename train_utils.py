@@ -188,12 +188,6 @@ def cleanup_distributed():
         torch_dist.destroy_process_group()
 
 
-def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers (for saving and for calls that skip DDP)."""
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
-
-
 def all_reduce_mean(values, dist):
     """Mean over ranks of a 1-D float tensor (gloo has no AVG, so SUM then divide). The result is on dist.device:
     NCCL reduces only CUDA tensors, so a CPU tensor is moved there first."""
@@ -225,13 +219,13 @@ def tokenizer_dir_in(*dirs):
     return None
 
 
-def load_tokenizer(tokenizer_dir, out_dir, **checkpoints):
+def load_tokenizer(tokenizer_dir, out_dir, **init_paths):
     """(tokenizer, its directory, whose files go next to the final model): tokenizer_dir, else the first of the
-    `checkpoints` (init_from=..., text_init=...) that carries tokenizer files, else, for a model trained from
+    `init_paths` (init_from=..., text_init=...) that carries tokenizer files, else, for a model trained from
     scratch, the demo tokenizer cached in out_dir/tokenizer. A checkpoint without tokenizer files is an error: its
     token ids are another tokenizer's (RoBERTa's, for the released weights), not the demo tokenizer's."""
     from data import Tokenizer, demo_tokenizer
-    for key, path in checkpoints.items():
+    for key, path in init_paths.items():
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
     if tokenizer_dir:
@@ -239,10 +233,10 @@ def load_tokenizer(tokenizer_dir, out_dir, **checkpoints):
             raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in "
                                     f"tokenizer_dir={tokenizer_dir!r}")
         return Tokenizer.from_dir(tokenizer_dir), tokenizer_dir
-    found = tokenizer_dir_in(*checkpoints.values())
+    found = tokenizer_dir_in(*init_paths.values())
     if found:
         return Tokenizer.from_dir(found), found
-    given = " or ".join(f"{key}={path!r}" for key, path in checkpoints.items() if path)
+    given = " or ".join(f"{key}={path!r}" for key, path in init_paths.items() if path)
     if given:
         raise FileNotFoundError(f"{given} carries no tokenizer files (a directory with tokenizer.json or vocab.json + "
                                 "merges.txt; an original .ckpt has none): set --tokenizer_dir (roberta-base's "
@@ -296,7 +290,7 @@ def param_groups(model, weight_decay, lr_mults=None):
     ln_pre and ln_post weights, its class embedding and the VQA head's LayerNorm weight: those are decayed there."""
     lr_mults = lr_mults or {}
     groups = {}
-    for name, p in unwrap(model).named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
@@ -376,6 +370,18 @@ def load_latest_checkpoint(run_dir, kind=None, map_location="cpu", dist=None):
             raise RuntimeError(f"{path}: the ranks found different checkpoints (step per rank, None = no file: "
                                f"{steps}); out_dir must be a directory that every node shares")
     return ckpt
+
+
+def model_from_checkpoint(ckpt, dist):
+    """The model of a checkpoint. Only as many processes as wrote it replay its data order (batch sizes, and so the
+    micro-steps per process, are fixed settings on resume)."""
+    from model import BridgeTower, BridgeTowerConfig
+    if ckpt["world_size"] != dist.world_size:
+        raise ValueError(f"checkpoint was written by {ckpt['world_size']} processes; resuming needs the same number "
+                         f"(not {dist.world_size}) to keep the data order")
+    model = BridgeTower(BridgeTowerConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def resume_message(run_dir, step, saved, now, fixed=()):
@@ -459,7 +465,7 @@ def format_eta(seconds):
 # dense bf16 tensor-core peaks in FLOP/s; the first name fragment found in the device name wins
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
-    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),  # V100: fp16
 ]

@@ -518,7 +518,20 @@ def config_file_values(name):
     return {k: v for k, v in ns.items() if not k.startswith("_")}
 
 
+def test_resume_fixes_the_eval_split_when_it_is_trained_on(monkeypatch):
+    # holding out eval_holdout images of a training split changes the training data, whichever run does it
+    monkeypatch.setattr(fv, "train_splits", "train2014")
+    monkeypatch.setattr(fv, "eval_split", "train2014")
+    assert {"eval_split", "eval_holdout"} <= set(fv.resume_fixed({"eval_split": "val2014"}))  # trained on now
+    monkeypatch.setattr(fv, "eval_split", "val2014")
+    assert {"eval_split", "eval_holdout"} <= set(fv.resume_fixed({"eval_split": "train2014"}))  # trained on before
+    assert fv.resume_fixed({"eval_split": "val2014"}) == fv.RESUME_FIXED  # never trained on: only listed
+
+
 def test_demo_config_is_the_default():
+    import pretrain
+    assert fv.PRETRAIN_DEMO_MODEL == os.path.join(pretrain.out_dir, "final")  # where the demo fine-tuning starts
+
     demo = config_file_values("finetune_vqa_demo.py")
     assert demo and all(getattr(fv, k) == v for k, v in demo.items()), \
         {k: (getattr(fv, k), v) for k, v in demo.items() if getattr(fv, k) != v}
