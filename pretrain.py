@@ -332,7 +332,7 @@ def random_batch(n, vocab_size, generator):
     """Random tensors shaped like a training micro-batch. Captions are padded to max_text_len as in training, so
     the text attention takes its masked path; real captions fill about 10-20 of the 50 tokens, these a quarter
     to all of max_text_len."""
-    ids = torch.randint(5, vocab_size, (n, max_text_len), generator=generator)  # past RoBERTa's special ids 0-4
+    ids = torch.randint(5, vocab_size, (n, max_text_len), generator=generator)  # past the demo tokenizer's special ids
     lengths = torch.randint(max(1, max_text_len // 4), max_text_len + 1, (n,), generator=generator)
     attention_mask = (torch.arange(max_text_len)[None, :] < lengths[:, None]).long()
     ids = ids.masked_fill(attention_mask == 0, 1)  # RoBERTa's <pad>
@@ -340,7 +340,7 @@ def random_batch(n, vocab_size, generator):
     masked = (torch.rand(ids.shape, generator=generator) < mlm_prob) & attention_mask.bool()
     labels[masked] = ids[masked]
     return {"pixel_values": torch.randn(n, 3, image_size, image_size, generator=generator), "input_ids": ids,
-            "attention_mask": attention_mask, "mlm_input_ids": ids.masked_fill(masked, 4),  # 4: <mask>
+            "attention_mask": attention_mask, "mlm_input_ids": ids.masked_fill(masked, 4),  # the demo's <mask>
             "mlm_labels": labels, "itm_image_index": torch.randperm(n, generator=generator),
             "itm_labels": torch.randint(0, 2, (n,), generator=generator)}
 

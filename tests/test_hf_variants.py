@@ -8,6 +8,7 @@ import torch
 import transformers as T
 
 from model import BridgeTower, BridgeTowerConfig, CheckpointError, contrastive_loss
+# one_thread is test_model's autouse fixture (one CPU thread for tiny models): imported, it applies here too
 from test_model import VOCAB, assert_close, hf_tiny_config, inputs, one_thread, random_scalars, saved  # noqa: F401
 
 
