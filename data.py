@@ -382,7 +382,10 @@ def train_transform(size, scale=(0.5, 1.0), randaugment=(2, 5), use_draft=True):
         rng = rng or random
         box = _random_resized_crop_box(*img.size, scale, ratio, rng)  # on the full image: draft or not, one crop
         s = draft(img, draft_side, draft_side) if use_draft else 1
-        img = to_rgb(img).resize((size, size), Image.BICUBIC, box=tuple(b / s for b in box))
+        if s == 1:  # as torchvision's RandomResizedCrop: crop, then resize (the filter sees no pixel outside)
+            img = to_rgb(img).crop(box).resize((size, size), Image.BICUBIC)
+        else:  # the crop falls between the drafted pixels: resize from the box
+            img = to_rgb(img).resize((size, size), Image.BICUBIC, box=tuple(b / s for b in box))
         for op in [rng.choice(ops) for _ in range(num_ops)]:
             if rng.random() < 0.5:
                 img = op(img, rng)

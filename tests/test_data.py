@@ -223,6 +223,15 @@ def test_pretrain_transform_is_torchvision_resize_then_center_crop(w, h, resized
     assert torch.equal(data.pretrain_transform(288, use_draft=False)(img), want)
 
 
+def test_train_transform_is_torchvision_random_resized_crop():
+    # torchvision's resized_crop on a PIL image: Pillow's crop, then Pillow's bicubic resize of what was cut
+    img = natural_image(333, 500, 7)
+    box = data._random_resized_crop_box(333, 500, (0.5, 1.0), (3 / 4, 4 / 3), random.Random(3))
+    want = data.normalize(np.asarray(img.crop(box).resize((64, 64), Image.BICUBIC)))
+    got = data.train_transform(64, randaugment=(0, 5), use_draft=False)(img, random.Random(3))
+    assert torch.equal(got, want)
+
+
 def test_draft_keeps_the_geometry_of_the_full_image():
     # 577 px at draft scale 4 decodes to 145 px of which 144.25 are image: geometry taken from the drafted size
     # misplaced the crop (mean 9 uint8 levels off in pre-training, 4 in eval and train; the random crop also
