@@ -829,6 +829,10 @@ def read_hf_checkpoint(directory):
         state["mlm_score.decoder.weight"] = word.clone()
         notes.append("tie_word_embeddings: mlm_score.decoder.weight copied from the word embeddings (untied here, "
                      "as in the original: they train separately)")
+    types = state.get("text_model.embeddings.token_type_embeddings.weight")
+    if types is not None and len(types) > 1:  # type_vocab_size > 1: HF's forward passes no token types, so row 0
+        state["text_model.embeddings.token_type_embeddings.weight"] = types[:1]
+        notes.append(f"text_model.embeddings.token_type_embeddings: row 0 kept of {len(types)} (the only one HF uses)")
     return state, config_from_hf(hf, source), source, notes
 
 
@@ -847,7 +851,6 @@ def config_from_hf(hf, source="config.json"):
             (text.get("hidden_size", 768) != hf.get("hidden_size", 768), "text hidden_size != hidden_size"),
             (vision.get("layer_norm_eps", eps) != eps, "vision layer_norm_eps != layer_norm_eps"),
             (text.get("layer_norm_eps", eps) != eps, "text layer_norm_eps != layer_norm_eps"),
-            (text.get("type_vocab_size", 1) != 1, "type_vocab_size != 1"),
         ) if bad]
     if unsupported:
         raise CheckpointError(f"{source}: unsupported config: {', '.join(unsupported)}")

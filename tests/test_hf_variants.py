@@ -47,6 +47,8 @@ VARIANTS = {
     "separate_layernorm_stop_gradient": dict(vision_share_layernorm=False, vision_stop_gradient=True),
     # every text layer feeds a cross layer (split index 1), unshared transforms, interpolate bridges
     "all_layers_bridged": dict(num_hidden_layers=4, share=False, link="interpolate"),
+    # two text token types, of which HF's forward only ever uses row 0 (it passes no token_type_ids)
+    "two_token_types": dict(text_type_vocab_size=2),
     # eps is read from config.json (every LayerNorm), RoBERTa's pad id is not 1
     "eps_and_pad_id": dict(layer_norm_eps=1e-6, text_layer_norm_eps=1e-6, vision_layer_norm_eps=1e-6,
                            text_pad_token_id=0),
@@ -173,7 +175,6 @@ UNSUPPORTED = {  # HF config -> what the error must say
     "text_hidden_act": (dict(text_hidden_act="gelu_new"), "hidden_act"),
     "text_eps": (dict(text_layer_norm_eps=1e-6), "text layer_norm_eps"),
     "vision_eps": (dict(vision_layer_norm_eps=1e-6), "vision layer_norm_eps"),
-    "type_vocab_size": (dict(text_type_vocab_size=2), "type_vocab_size"),
     "text_width_not_hidden_size": (dict(text_hidden_size=64), "text hidden_size != hidden_size"),
     "fewer_vision_blocks": (dict(vision_num_hidden_layers=3), "vision_layers"),
     "num_channels": (dict(vision_num_channels=1), "patch_embedding.weight"),
