@@ -151,6 +151,16 @@ def merge_heads(x):
     return x.transpose(1, 2).reshape(B, L, H * d)
 
 
+def attention_probs(mha, x, key_mask):
+    """The self-attention probabilities (B, heads, L, L) that MultiHeadAttention `mha` computes over x, before
+    dropout, worked out again from its weights: the fused kernels never form them (output_attentions only)."""
+    q, k = split_heads(mha.query(x), mha.num_heads), split_heads(mha.key(x), mha.num_heads)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)
+
+
 # -----------------------------------------------------------------------------
 # 3. Modules. Class names are ours; attribute names are the HF keys.
 
@@ -428,6 +438,13 @@ class BridgeTowerOutput:
     image_embeds: Optional[torch.Tensor] = None    # (B, contrastive_hidden_size) ITC
     cross_embeds: Optional[torch.Tensor] = None    # (B, contrastive_hidden_size) ITC
     vqa_logits: Optional[torch.Tensor] = None      # (B, num_vqa_answers)
+    # output_hidden_states=True: (text, image, cross) as HF's, all batch-first (HF's image entries are (L, B, D)):
+    # text: the embeddings, then each text layer (B, T, H); image: ln_pre's output, then each block that runs
+    # (B, L, W), before ln_post; cross: (text, image) after each cross layer
+    hidden_states: Optional[tuple] = None
+    # output_attentions=True: (text, image) self-attention probabilities of each cross layer, (B, heads, T, T) and
+    # (B, heads, L, L), as HF's (before dropout; HF's are after it)
+    attentions: Optional[tuple] = None
 
 
 # -----------------------------------------------------------------------------
@@ -476,13 +493,16 @@ class BridgeTower(nn.Module):
             self.vqa_classifier = vqa_classifier(c)
         self.apply(_init_weights)
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, heads=None, mlm_positions=None):
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, heads=None, mlm_positions=None,
+                output_hidden_states=False, output_attentions=False):
         """input_ids (B,T), attention_mask (B,T) 1 = token 0 = pad (default all ones), pixel_values (B,3,S,S).
         heads=None computes every built head and all features. An explicit heads=(...) computes only what those
         heads need: with heads=("mlm",) the last image-side cross layer and the poolers are skipped (MLM reads
         only the text stream), so image_features and pooler_output are None.
         mlm_positions (B,T) bool: compute MLM logits only there, (N,V) in row-major order (training labels
-        cover ~15% of tokens, and the vocabulary projection is the largest matmul of the head)."""
+        cover ~15% of tokens, and the vocabulary projection is the largest matmul of the head).
+        output_hidden_states / output_attentions: also return every layer's output / the cross layers'
+        self-attention probabilities (see BridgeTowerOutput)."""
         mlm_only = heads is not None and tuple(heads) == ("mlm",)
         heads = self.config.heads if heads is None else tuple(heads)
         if not set(heads) <= set(self.config.heads):
@@ -501,8 +521,20 @@ class BridgeTower(nn.Module):
             if not unpadded:
                 key_mask = attention_mask.bool()
 
-        t, ct, ci, image_input = self._encode(input_ids, pixel_values, key_mask, skip_last_image_layer=mlm_only)
+        states = {"text": [], "image": [], "cross": [], "cross_inputs": []}
+        t, ct, ci, image_input = self._encode(input_ids, pixel_values, key_mask, skip_last_image_layer=mlm_only,
+                                              states=states if output_hidden_states or output_attentions else None)
         out = BridgeTowerOutput(text_features=ct, image_features=ci)
+        if output_hidden_states:
+            out.hidden_states = tuple(tuple(states[name]) for name in ("text", "image", "cross"))
+        if output_attentions:
+            out.attentions = []
+            for k, ((xt, xi), (_, ci_k)) in enumerate(zip(states["cross_inputs"], states["cross"])):
+                text_probs = attention_probs(self.cross_modal_text_layers[k].attention.self, xt, key_mask)
+                image_probs = (None if ci_k is None else  # the image layer was skipped (heads=("mlm",))
+                               attention_probs(self.cross_modal_image_layers[k].attention.self, xi, None))
+                out.attentions.append((text_probs, image_probs))
+            out.attentions = tuple(out.attentions)
         if not mlm_only:
             out.pooler_output = torch.cat([self.cross_modal_text_pooler(ct), self.cross_modal_image_pooler(ci)], -1)
         if "mlm" in heads:
@@ -519,11 +551,17 @@ class BridgeTower(nn.Module):
             out.vqa_logits = self.vqa_classifier(out.pooler_output)
         return out
 
-    def _encode(self, input_ids, pixel_values, key_mask, skip_last_image_layer=False):
+    def _encode(self, input_ids, pixel_values, key_mask, skip_last_image_layer=False, states=None):
         """The BridgeTower schedule. Text layer i and image block i run in lock-step; the top N of them each feed
         one cross layer: cross layer 0 through the first-layer LayerNorms, cross layers 1..N-1 through the bridges.
         Both streams of cross layer k attend to the *inputs* of the other stream at layer k.
-        Returns the last uni-modal text states, both cross-modal outputs and the last bridge's image input."""
+        Returns the last uni-modal text states, both cross-modal outputs and the last bridge's image input.
+        states: None, or a dict of lists to which every layer's output (and each cross layer's inputs) is added."""
+        def keep(**outputs):
+            if states is not None:
+                for name, x in outputs.items():
+                    states[name].append(x)
+
         c = self.config
         text_layers = self.text_model.encoder.layer
         blocks = self.vision_model.visual.transformer.resblocks
@@ -532,12 +570,15 @@ class BridgeTower(nn.Module):
 
         t = self.text_model.embeddings(input_ids)
         v = self.vision_model.visual.ln_pre(self.vision_model.visual.embeddings(pixel_values))
+        keep(text=t, image=v)
         first_fed = c.text_layers - c.cross_layers
         for i in range(first_fed):
             t, v = text_layers[i](t, key_mask), blocks[i](v)
+            keep(text=t, image=v)
         for k in range(c.cross_layers):
             i = first_fed + k
             t, v = text_layers[i](t, key_mask), blocks[i](v)
+            keep(text=t, image=v)
             text_input = self._project(self.cross_modal_text_transform, k, t) + text_type
             image_input = self._project(self.cross_modal_image_transform, k, ln_post(v)) + image_type
             if k == 0:
@@ -550,6 +591,7 @@ class BridgeTower(nn.Module):
                 ci = None
             else:
                 ci = self.cross_modal_image_layers[k](xi, xt, None, key_mask)
+            keep(cross=(ct, ci), cross_inputs=(xt, xi))
         return t, ct, ci, image_input
 
     @staticmethod

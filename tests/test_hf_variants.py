@@ -90,6 +90,56 @@ def test_parity_padding_patterns(tmp_path):
         compare_itm(hf, ours, case_ids, mask, pixels)
 
 
+@pytest.mark.parametrize("padded", [True, False])
+def test_parity_hidden_states_and_attentions(tmp_path, padded):
+    """output_hidden_states / output_attentions: every layer's output and the cross layers' self-attention
+    probabilities equal HF's (its image entries are sequence-first, ours batch-first), unshared transforms and
+    more vision blocks than text layers; masked keys get probability 0."""
+    torch.manual_seed(23)
+    config = hf_config(share=False, link="scaled_add", vision_num_hidden_layers=6, num_hidden_layers=3)
+    hf = random_scalars(T.BridgeTowerModel(config)).eval()
+    ours = BridgeTower.from_pretrained(saved(hf, tmp_path)).eval()
+    ids, mask, pixels = inputs()
+    if not padded:
+        ids, mask = ids[:1], None
+        pixels = pixels[:1]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, output_hidden_states=True,
+                 output_attentions=True)
+        out = ours(ids, attention_mask=mask, pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+    text, image, cross = out.hidden_states
+    ref_text, ref_image, ref_cross = ref.hidden_states
+    assert (len(text), len(image), len(cross)) == (5, 5, 3) == (len(ref_text), len(ref_image), len(ref_cross))
+    for i, (a, b) in enumerate(zip(text, ref_text)):
+        assert_close(a, b, f"text hidden state {i}")
+    for i, (a, b) in enumerate(zip(image, ref_image)):
+        assert_close(a, b.transpose(0, 1), f"image hidden state {i}")
+    for k, ((ct, ci), (ref_ct, ref_ci)) in enumerate(zip(cross, ref_cross)):
+        assert_close(ct, ref_ct, f"cross text {k}")
+        assert_close(ci, ref_ci, f"cross image {k}")
+    assert len(out.attentions) == 3 == len(ref.attentions)
+    for k, ((pt, pi), (ref_pt, ref_pi)) in enumerate(zip(out.attentions, ref.attentions)):
+        assert_close(pt, ref_pt, f"text self-attention {k}")
+        assert_close(pi, ref_pi, f"image self-attention {k}")
+        if padded:
+            assert (pt.transpose(1, 3)[mask == 0] == 0).all()  # (B, H, T, T) -> key axis first
+
+
+def test_hidden_states_only_when_asked():
+    torch.manual_seed(24)
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("mlm", "itm"))).eval()
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask, pixel_values=pixels)
+        mlm = model(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), output_hidden_states=True,
+                    output_attentions=True)
+    assert plain.hidden_states is None and plain.attentions is None
+    # the MLM-only pass skips the last image-side cross layer: its entries say so rather than hold stale values
+    assert mlm.hidden_states[2][-1][1] is None and mlm.attentions[-1][1] is None
+    assert mlm.hidden_states[2][0][1] is not None and mlm.attentions[0][1] is not None
+    assert_close(mlm.hidden_states[2][-1][0], plain.text_features, "text features")
+
+
 def no_dropout_config(**fields):
     return hf_config(text_hidden_dropout_prob=0.0, text_attention_probs_dropout_prob=0.0, **fields)
 
