@@ -5,7 +5,8 @@
 #   bash gpu_checks.sh              # logs in gpu_logs/ (or in $OUT when that is set)
 #
 # 1. the kernel benchmark (bridge_kernels.py, bf16): fused add+LayerNorm vs eager vs torch.compile,
-#    masked attention vs SDPA, forward and forward+backward          -> kernels.txt
+#    masked attention vs SDPA, forward and forward+backward, and the tuned kernels' values on those shapes
+#                                                                      -> kernels.txt
 # 2. base pre-training steps (bf16, 288 px, micro-batch 32): Triton kernels, then PyTorch's, samples/s and MFU
 #                                                                      -> pretrain_triton.txt, pretrain_torch.txt
 # 3. the kernel test suite compiled on CUDA (BRIDGETOWER_TEST_DEVICE=cuda, what test_on_gpu runs, here with its
@@ -43,7 +44,8 @@ pretrain=(python3 pretrain.py config/pretrain_base.py --bench --bench_steps=6 --
 BRIDGETOWER_KERNELS=triton step pretrain_triton 120 "${pretrain[@]}"  # the first step autotunes the kernels
 BRIDGETOWER_KERNELS=torch step pretrain_torch 80 "${pretrain[@]}"
 # the sm_80/sm_90 compile test runs in CI already
-# one autotune config a kernel: the tests check values, and tuning every variant they build would not fit the limit
+# one small config for every kernel: the tests check values, and tuning (or compiling the large fp32 tiles) for each of
+# the ~70 variants they build would not fit the limit; step 1 checked the tuned configs on BridgeTower's shapes
 BRIDGETOWER_AUTOTUNE=0 BRIDGETOWER_TEST_DEVICE=cuda step gpu_tests 160 python3 -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider \
     -k "not test_compiles_for and not test_on_gpu"
 

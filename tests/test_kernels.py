@@ -422,8 +422,8 @@ def test_compiles_for_a100_and_h100():
         "import bridge_kernels as bk\n"
         "for r in bk.compile_check(archs=(80, 90), all_configs=False):\n"
         "    assert r['shared'] <= bk._SHARED_LIMIT[r['arch']], r\n"
-        # bf16, the training dtype, spills nothing with Triton 3.6, 3.7 and 3.9, and 8 bytes in the masked dropout
-        # forward with 3.8; the fp32 kernels that auto leaves to SDPA needed kilobytes
+        # in bf16, the training dtype, the first configs spill nothing with Triton 3.6, 3.7 and 3.9, and 8 bytes in
+        # the masked dropout forward with 3.8; the fp32 kernels that auto leaves to SDPA needed kilobytes
         "    assert r['stack'] <= 64, r\n"
         "    print(r)\n"
     )
@@ -455,8 +455,15 @@ def test_benchmark_code_runs(monkeypatch, capsys):
         (5, 5, False, "fwd"), (5, 5, False, "fwd+bwd"), (7, 50, True, "fwd"), (7, 50, True, "fwd+bwd")]
     assert all(r[k] > 0 for r in ln + attn for k in r if k.startswith("vs_"))
     assert set(verdicts) == {"add+LayerNorm vs eager", "add+LayerNorm vs torch.compile", "masked attention vs SDPA",
-                             "unmasked attention vs SDPA"}
+                             "unmasked attention vs SDPA", "values"}
     assert out.count("  met") + out.count("MISSED") == 4
+    # the value check is real: within its bound here, and a wrong kernel fails it
+    assert verdicts["values"] and all(0 <= r["error"] <= 1 for r in ln + attn), [r["error"] for r in ln + attn]
+    assert "WRONG" not in out and out.rstrip().endswith("ok")
+    def layer_norm(h, c, w, b):
+        return F.layer_norm(h + c, (48,), w, b)
+    x = [torch.randn(6, 48), torch.randn(6, 48), torch.randn(48), torch.randn(48)]
+    assert bk._error_ratio(lambda *a: layer_norm(*a) * 1.001, layer_norm, x, torch.randn(6, 48)) > 1
     # and what main() runs on a GPU around them, with the same tiny shapes
     small_ln, small_attn = bk.bench_add_layer_norm, bk.bench_attention
     monkeypatch.setattr(bk, "bench_add_layer_norm",
