@@ -9,7 +9,8 @@ Read top to bottom:
   4. sources                         synthetic, COCO Karpathy json, Visual Genome regions, WebDataset tar shards
   5. build_pretrain_loader           per-worker sample streams -> batches with MLM masks and ITM negatives
 
-python data.py --bench [sources]     prints loader images/s per worker (synthetic and JPEG tar shards)
+python data.py --bench [sources]     prints loader images/s per worker (synthetic and JPEG tar shards);
+                                     --bench --help lists its options
 """
 
 import bisect
@@ -267,6 +268,18 @@ class ImageProcessor:
         if self.do_center_crop:
             arr = _center_crop(arr, self.crop_size)
         return normalize(arr)
+
+    def save_pretrained(self, directory):
+        """HF's preprocessor_config.json for these settings: beside a model and its tokenizer files, it lets
+        transformers' BridgeTowerProcessor (and AutoProcessor) load the directory and give the same pixels."""
+        config = {"image_processor_type": "BridgeTowerImageProcessor", "processor_class": "BridgeTowerProcessor",
+                  "size": {"shortest_edge": self.size}, "crop_size": {"shortest_edge": self.crop_size},
+                  "size_divisor": self.size_divisor, "do_center_crop": self.do_center_crop,
+                  "resample": int(self.resample), "do_convert_rgb": True,
+                  "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
 
     def __call__(self, images):
         if isinstance(images, Image.Image):
@@ -1128,10 +1141,15 @@ def write_demo_shards(out_dir, num_shards=2, per_shard=64, image_hw=(480, 640), 
 
 
 def _bench(argv):
-    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    image_size, batch_size = int(args.get("image_size", 288)), int(args.get("batch_size", 32))
-    batches = int(args.get("batches", 10))
-    extra = [a for a in argv if not a.startswith("--")]
+    import argparse
+    parser = argparse.ArgumentParser(prog="python data.py --bench", description="images/s of one pre-training "
+                                     "loader worker on the synthetic set, on JPEG tar shards made here, and on SOURCES")
+    parser.add_argument("sources", nargs="*", help="more --data specs to time, e.g. coco:dataset_coco.json@coco")
+    parser.add_argument("--image_size", type=int, default=288)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=10, help="timed batches a source (after one warm-up batch)")
+    args = parser.parse_args(argv)  # an unknown option or a bad number is an error that names it
+    image_size, batch_size, batches, extra = args.image_size, args.batch_size, args.batches, args.sources
     torch.set_num_threads(1)  # a loader worker is one process with one thread
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = demo_tokenizer(os.path.join(tmp, "tokenizer"))
@@ -1156,3 +1174,5 @@ if __name__ == "__main__":
         _bench([a for a in sys.argv[1:] if a != "--bench"])
     else:
         print(__doc__)
+        if len(sys.argv) > 1:
+            sys.exit(f"data.py: unknown arguments {sys.argv[1:]}: only --bench runs something")

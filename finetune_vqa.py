@@ -2,7 +2,7 @@
 Fine-tune BridgeTower on VQAv2 and score it with the official VQA accuracy.
 
     python finetune_vqa.py                                   # demo: synthetic VQA set, tiny model, CPU, ~3 min
-    python finetune_vqa.py --resume                          # continue a killed run from out_dir/ckpt.pt
+    python finetune_vqa.py --resume                          # continue a killed run from out_dir/ckpt.pt (none: start)
     torchrun --nproc_per_node=8 finetune_vqa.py config/finetune_vqa_base.py    # the paper's recipe
     python finetune_vqa.py --predict --image=cat.jpg --question="what is this?" [--checkpoint=out/vqa/final]
 
@@ -42,7 +42,8 @@ out_dir = "out/vqa"          # run directory
 log_interval = 20            # steps between printed lines (every step goes to metrics.jsonl)
 eval_interval = 0            # steps between evaluations on eval_split (0: only at the end)
 ckpt_interval = 100          # steps between checkpoints (0: only at the end)
-resume = False               # continue from out_dir/ckpt.pt
+resume = False               # continue from out_dir/ckpt.pt; with none there, start a new run (one command for
+                             # a job that may be pre-empted)
 # initialisation
 init_from = "auto"           # BridgeTower checkpoint (HF dir, original .ckpt, our dir); "auto": the pre-training
                              # demo's out/pretrain/final if it exists, else random weights of model_size
@@ -828,7 +829,8 @@ def main():
     if test_split:  # read now, so that a missing file or image folder stops the run before training, not after
         test_questions = load_questions(root, test_split, image_dir)
         check_image_root(test_questions)
-    logger = tu.MetricLogger(out_dir, dist.is_master)
+    # start_step > 0: resumed from a checkpoint (none is written at step 0)
+    logger = tu.MetricLogger(out_dir, dist.is_master, resumed_step=start_step if start_step > 0 else None)
     warmup_steps = int(warmup_ratio * total_steps)
     cfg = raw_model.config
     # questions are padded to the longest in the batch, so max_text_len overstates the FLOPs (MFU is an upper bound)

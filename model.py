@@ -656,7 +656,11 @@ class BridgeTower(nn.Module):
         H = self.config.hidden_size
         state["bridgetower.text_model.pooler.dense.weight"] = torch.zeros(H, H)
         state["bridgetower.text_model.pooler.dense.bias"] = torch.zeros(H)
-        save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        path = os.path.join(directory, "model.safetensors")
+        save_file(state, path, metadata={"format": "pt"})
+        umask = os.umask(0)  # safetensors writes the file 0600; give it the mode any new file gets (umask read back)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config_to_hf(self.config), f, indent=2)
 

@@ -3,16 +3,17 @@ Pre-train BridgeTower with the original's two objectives, masked language modell
 matching (ITM), as two separate forward passes whose losses are summed.
 
   python pretrain.py                                  # demo: tiny model, synthetic scenes, CPU, about 3 minutes
-  torchrun --nproc_per_node=2 pretrain.py             # the same on 2 processes (gloo on CPU, NCCL on GPU)
-  python pretrain.py --resume                         # continue a killed run from out_dir/ckpt.pt
+  torchrun --nproc_per_node=2 pretrain.py --out_dir=out/pretrain_2proc   # the same on 2 processes (gloo on CPU,
+                                                      # NCCL on GPU), in a directory of its own
+  python pretrain.py --resume                         # continue a killed run from out_dir/ckpt.pt (none: start)
   torchrun --nproc_per_node=8 pretrain.py config/pretrain_base.py    # the paper's recipe (paths in the config)
   torchrun --nproc_per_node=8 pretrain.py config/pretrain_base.py \
       --data=coco:dataset_coco.json@coco,vg:region_descriptions.json@vg    # the same on COCO + VG only
   python pretrain.py config/pretrain_base.py --bench --micro_batch_size=2 --batch_size=2   # speed of the base model
 
 Configuration is the module globals below, overridden by config files and --key=value (train_utils.configure).
-The run directory (out_dir) gets metrics.jsonl, ckpt.pt (the latest checkpoint), final/ (save_pretrained plus
-the tokenizer files), which finetune_vqa.py can start from, and, from scratch, tokenizer/ (the demo tokenizer).
+The run directory (out_dir) gets metrics.jsonl, ckpt.pt (the latest checkpoint), final/ (save_pretrained, the
+tokenizer files and HF's preprocessor_config.json), which finetune_vqa.py can start from, and, from scratch, tokenizer/ (the demo tokenizer).
 `python pretrain.py --help` lists every setting with its default.
 """
 import os
@@ -27,7 +28,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
-from data import build_pretrain_loader, parse_sources, validation_spec
+from data import ImageProcessor, build_pretrain_loader, parse_sources, validation_spec
 from model import BridgeTower, BridgeTowerConfig, ResidualAttentionBlock, TextLayer
 
 # -----------------------------------------------------------------------------
@@ -39,7 +40,8 @@ eval_interval = 100          # steps between validation passes (and one at the e
 eval_batches = 8             # held-out micro-batches per validation pass and rank
 retrieval_size = 16          # held-out images x captions, all pairs scored by ITM, for recall@1
 ckpt_interval = 100          # steps between checkpoints (0: only at the end)
-resume = False               # continue from out_dir/ckpt.pt
+resume = False               # continue from out_dir/ckpt.pt; with none there, start a new run (one command for
+                             # a job that may be pre-empted)
 # initialisation: a BridgeTower checkpoint, or RoBERTa + CLIP, or random (neither)
 init_from = ""               # BridgeTower checkpoint (HF dir, original .ckpt, our own dir) -> from_pretrained
 text_init = ""               # RoBERTa HF dir (roberta-base) -> from_unimodal
@@ -260,7 +262,8 @@ def main():
                                    max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
                                    rank=dist.rank, world_size=dist.world_size, num_workers=num_workers, seed=seed,
                                    start_batch=data_position)
-    logger = tu.MetricLogger(out_dir, dist.is_master)
+    # start_step > 0: resumed from a checkpoint (none is written at step 0)
+    logger = tu.MetricLogger(out_dir, dist.is_master, resumed_step=start_step if start_step > 0 else None)
     warmup_steps = int(warmup_ratio * max_steps)
     cfg = raw_model.config
     flops = step_flops(cfg)
@@ -316,6 +319,7 @@ def main():
         final_dir = os.path.join(out_dir, "final")
         raw_model.save_pretrained(final_dir)
         tu.copy_tokenizer(tok_dir, final_dir)
+        ImageProcessor(cfg.image_size).save_pretrained(final_dir)  # for transformers' BridgeTowerProcessor
         print(f"saved {final_dir} | {step} steps in {time.time() - t_train:.0f}s")
     final = evaluate(raw_model, tokenizer, dist, autocast)
     logger.log(step, kind="eval", **final)

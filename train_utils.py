@@ -8,6 +8,7 @@ import ast
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -31,6 +32,25 @@ def _config_keys(globals_dict, constants=False):
     # one there is reported as unknown rather than dropped.
     return [k for k, v in globals_dict.items()
             if not k.startswith("_") and (constants or not k.isupper()) and isinstance(v, _CONFIG_TYPES)]
+
+
+def _setting_comments(path):
+    """{name: comment} from a script's `name = value  # comment` lines and the comment-only lines under them."""
+    comments, name = {}, None
+    try:
+        lines = open(path).read().splitlines()
+    except (OSError, TypeError):
+        return comments
+    for line in lines:
+        setting = re.match(r"(\w+) *=[^#]*#\s?(.*)", line)
+        if setting:
+            name = setting.group(1)
+            comments[name] = setting.group(2).strip()
+        elif name and re.match(r"\s+#", line):
+            comments[name] += " " + line.strip()[1:].strip()
+        else:
+            name = None
+    return comments
 
 
 def _coerce(key, value, default):
@@ -70,7 +90,10 @@ def configure(globals_dict, argv=None):
     keys = _config_keys(globals_dict)
     if "--help" in argv or "-h" in argv:
         print((globals_dict.get("__doc__") or "").strip() + "\n\nsettings and their defaults:")
-        print("\n".join(f"  --{k}={globals_dict[k]!r}" for k in keys))
+        comments = _setting_comments(globals_dict.get("__file__"))
+        for k in keys:
+            setting = f"  --{k}={globals_dict[k]!r}"
+            print(f"{setting:<36} {comments[k]}" if k in comments else setting)
         sys.exit(0)
     verbose = os.environ.get("RANK", "0") == "0"
     previous_key, from_command_line = None, set()
@@ -435,13 +458,31 @@ def _fmt(v):
 
 class MetricLogger:
     """One printed line per call (unless echo=False), and the same metrics as a JSON line in run_dir/metrics.jsonl.
-    Only the master process writes."""
+    Only the master process writes. A new run (resumed_step None) starts the file afresh: what is there is left by
+    a run killed before its first checkpoint, whose steps this one does again. A run resumed from a checkpoint at
+    resumed_step keeps the lines up to that step, drops the later ones (it logs those steps again) and marks the
+    seam with a {"kind": "resume", "step": ...} line."""
 
-    def __init__(self, run_dir, is_master=True, filename="metrics.jsonl"):
+    def __init__(self, run_dir, is_master=True, filename="metrics.jsonl", resumed_step=None):
         self.is_master = is_master
         self.path = os.path.join(run_dir, filename)
-        if is_master:
-            os.makedirs(run_dir, exist_ok=True)
+        if not is_master:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        kept = []
+        if resumed_step is not None:
+            if os.path.exists(self.path):
+                with open(self.path) as f:
+                    for line in f:
+                        try:
+                            if json.loads(line)["step"] <= resumed_step:
+                                kept.append(line if line.endswith("\n") else line + "\n")
+                        except (ValueError, KeyError, TypeError):
+                            pass  # a line cut short by the kill
+            kept.append(json.dumps({"kind": "resume", "step": resumed_step, "time": time.time()}) + "\n")
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def log(self, step, kind="train", echo=True, **metrics):
         if not self.is_master:

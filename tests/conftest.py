@@ -55,8 +55,7 @@ def eval_line(stdout):
 
 
 def train_lines(run_dir, keys):
-    """{step: {key: value}} of the train records in run_dir/metrics.jsonl. A resumed run repeats the steps after
-    its checkpoint: the last record of a step counts."""
+    """{step: {key: value}} of the train records in run_dir/metrics.jsonl."""
     import json
     lines = {}
     for line in open(os.path.join(run_dir, "metrics.jsonl")):

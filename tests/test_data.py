@@ -721,3 +721,37 @@ def test_resume_skips_tar_samples_without_decoding(tok, tmp_path, monkeypatch):
     assert len(opened) == 3  # only the images of the one batch produced, none of the 24 skipped
     monkeypatch.setattr(Image, "open", real_open)
     assert same_batch(resumed[0], take(spec, tok, 9, batch_size=3)[8])
+
+
+def test_loader_benchmark_command():
+    # `python data.py --bench` (the README's loader table): it runs, and a mistyped option is an error naming it
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    out = subprocess.run([sys.executable, script, "--bench", "--batches=1", "--batch_size=2", "--image_size=32"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert "image_size 32, batch 2" in lines[0] and len(lines) == 3
+    assert lines[1].split()[0] == "synthetic" and lines[2].split()[0].startswith("wds:")
+    assert all("images per CPU second" in line for line in lines[1:])
+    bad = subprocess.run([sys.executable, script, "--bench", "--bathces=2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "unrecognized arguments: --bathces=2" in bad.stderr
+
+
+def test_image_processor_saved_for_transformers(tmp_path):
+    # save_pretrained writes HF's preprocessor_config.json: beside the tokenizer files, transformers'
+    # BridgeTowerProcessor loads the directory and gives our pixels and token ids
+    transformers = pytest.importorskip("transformers")
+    from model import BridgeTower, BridgeTowerConfig
+    tokenizer = data.demo_tokenizer(str(tmp_path))  # a training run's final/: the model, its tokenizer, the processor
+    BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=tokenizer.vocab_size)).save_pretrained(str(tmp_path))
+    data.ImageProcessor(64).save_pretrained(str(tmp_path))
+    processor = transformers.BridgeTowerProcessor.from_pretrained(str(tmp_path))
+    images = [natural_image(640, 480, 1), natural_image(300, 500, 2)]
+    text = ["a red circle left of a blue square", "two green triangles"]
+    got = processor(images=images, text=text, padding="longest", return_tensors="pt")
+    ours = tokenizer(text, padding="longest")
+    assert torch.equal(got["input_ids"], ours["input_ids"])
+    want = data.ImageProcessor(64)(images)
+    assert got["pixel_values"].shape == want.shape == (2, 3, 64, 64)
+    assert (got["pixel_values"] - want).abs().max().item() < 1e-5

@@ -172,6 +172,11 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
                                       heads=("mlm", "itm", "itc", "vqa"), num_vqa_answers=7)
     ours = random_scalars(BridgeTower(config)).eval()
     ours.save_pretrained(tmp_path / "ours")
+    # readable by others as any new file is (safetensors alone writes 0600, which other users cannot load)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert os.stat(tmp_path / "ours" / name).st_mode & 0o777 == 0o666 & ~umask, name
     ids, mask, pixels = inputs()
     with torch.no_grad():
         out = ours(ids, attention_mask=mask, pixel_values=pixels)

@@ -1,4 +1,5 @@
 """pretrain.py: configs, DDP gradient equivalence on the real objective, kill-and-resume, the demo's learning."""
+import json
 import os
 import socket
 import subprocess
@@ -186,6 +187,10 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     stdout = _run(RESUME_ARGS + [f"--out_dir={cut}", "--resume"])
     assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
     assert _train_lines(cut) == _train_lines(full)
+    # each step logged once: the killed run's lines after its checkpoint are dropped, a marker shows the seam
+    records = [json.loads(line) for line in open(os.path.join(cut, "metrics.jsonl"))]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == list(range(1, len(steps) + 1)) and [r["step"] for r in records if r["kind"] == "resume"] == [killed_at]
     assert_same_final_weights(full, cut)
     assert eval_line(stdout) == eval_line(full_stdout)
     # a new run would overwrite the finished one; a resume that changes the optimiser's groups would not take
@@ -211,7 +216,8 @@ def test_torchrun_two_processes(tmp_path):
     evals = eval_line(out.stdout)
     assert {"mlm_acc", "itm_acc", "itm_r1_i2t", "itm_r1_t2i"} <= set(evals)
     assert sorted(_train_lines(run)) == [1, 2, 3, 4]
-    assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(run, "final")))
+    assert {"model.safetensors", "config.json", "vocab.json", "merges.txt", "preprocessor_config.json"} <= set(
+        os.listdir(os.path.join(run, "final")))
     assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)["step"] == 4
     # a BridgeTower checkpoint (ours) as the start of another run, with its own tokenizer
     stdout = _run(["--max_steps=1", "--image_size=32", "--eval_batches=1", "--retrieval_size=4",

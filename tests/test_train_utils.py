@@ -66,11 +66,17 @@ def test_configure_key_in_consecutive_arguments(tmp_path):
     assert tu.configure(_defaults(), ["--batch_size=4", str(cfg)])["batch_size"] == 4  # a file setting other keys
 
 
-def test_configure_help(capsys):
+def test_configure_help(capsys, tmp_path):
+    # each setting with its default and the comment on its line in the script (and the comment lines under it)
+    script = tmp_path / "train.py"
+    script.write_text("batch_size = 32   # global batch\nlr = 1e-5  # peak rate,\n          # then decay\n\n"
+                      "betas = (0.9, 0.98)\n")
     with pytest.raises(SystemExit):
-        tu.configure(dict(_defaults(), __doc__="A training script."), ["--help"])
-    out = capsys.readouterr().out
-    assert out.startswith("A training script.") and "  --batch_size=32\n" in out and "  --betas=(0.9, 0.98)" in out
+        tu.configure(dict(_defaults(), __doc__="A training script.", __file__=str(script)), ["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "A training script."
+    assert "  --batch_size=32                    global batch" in lines
+    assert "  --lr=1e-05                         peak rate, then decay" in lines and "  --betas=(0.9, 0.98)" in lines
 
 
 def test_check_settings_names_every_bad_one():
@@ -228,6 +234,16 @@ def test_metric_logger(tmp_path, capsys):
     assert out == ["step 3 | loss 1.235 | lr 1e-05 | eta 1m00s", "eval step 4 | mlm_acc 0.5"]
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [(l["kind"], l["step"]) for l in lines] == [("train", 3), ("eval", 4)] and lines[0]["loss"] == 1.23456
+    # resumed from a checkpoint at step 3: the killed run's later lines go (a line cut short too), a marker follows
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    tu.MetricLogger(tmp_path / "run", is_master=True, resumed_step=3).log(4, echo=False, loss=0.5)
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(l["kind"], l["step"]) for l in lines] == [("train", 3), ("resume", 3), ("train", 4)]
+    assert lines[0]["loss"] == 1.23456 and lines[2]["loss"] == 0.5
+    # a new run (the last one left no checkpoint) starts the file afresh
+    tu.MetricLogger(tmp_path / "run", is_master=True).log(1, echo=False, loss=2.0)
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
 def test_peak_flops():
