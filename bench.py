@@ -43,6 +43,11 @@ seed = 0
 # -----------------------------------------------------------------------------
 
 
+def _figure(x):
+    """Whole numbers from 10 up, two significant digits below (the tiny size's forward is a fraction of a GFLOP)."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def hf_config(c):
     """transformers' BridgeTowerConfig for our config (the same values save_pretrained writes)."""
     from model import config_to_hf
@@ -136,10 +141,10 @@ def gemm_bound(config, wall, forward):
     rate = 2 * rows * width * 4 * width / min(best.values())
     floor = flops / rate
     fastest = min(best, key=best.get)
-    print(f"forward: {flops / 1e9:.0f} GFLOP in matrix products and attention; GEMM {rows}x{width} @ "
+    print(f"forward: {_figure(flops / 1e9)} GFLOP in matrix products and attention; GEMM {rows}x{width} @ "
           f"{width}x{4 * width} best {rate / 1e9:.0f} GFLOP/s here ({fastest}); overall transformers "
           f"{flops / wall['transformers'] / 1e9:.0f}, ours {flops / wall['ours'] / 1e9:.0f} GFLOP/s")
-    print(f"forward: floor {floor:.2f} s at that GEMM rate with attention and everything else free, so no "
+    print(f"forward: floor {_figure(floor)} s at that GEMM rate with attention and everything else free, so no "
           f"implementation of these FLOPs beats transformers by more than {wall['transformers'] / floor:.2f}x here")
 
 

@@ -730,6 +730,8 @@ def run_predict():
         raise ValueError("--predict needs --image=path.jpg and --question=\"...\"")
     model, tokenizer, answers = load_finetuned(path)
     print(f"Q: {question}")
+    print("score  answer   (the sigmoid of each answer's logit, scored on its own as BCE trains it: the scores "
+          "need not sum to 1)")
     for answer, p in predict_top(model, tokenizer, answers, image, question):
         print(f"{p:.3f}  {answer}")
 
@@ -922,4 +924,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: --resume continues from the last checkpoint (the last 'checkpoint:' line above)")

@@ -18,6 +18,7 @@ tokenizer files and HF's preprocessor_config.json), which finetune_vqa.py can st
 """
 import os
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -390,4 +391,7 @@ def run_bench(dist):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: --resume continues from the last checkpoint (the last 'checkpoint:' line above)")

@@ -352,6 +352,7 @@ def save_checkpoint(run_dir, state):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    print(f"checkpoint: step {state.get('step')} -> {path}", flush=True)  # what --resume would continue from
     return path
 
 

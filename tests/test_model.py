@@ -198,6 +198,17 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         assert torch.equal(getattr(out, key), getattr(out2, key)), key
 
 
+def test_load_report_names_what_is_ignored(tmp_path, capsys):
+    # HF's files hold a RoBERTa pooler that BridgeTower never runs: reported; ours hold it as zeros: not reported
+    hf = T.BridgeTowerForMaskedLM(hf_tiny_config())
+    ours = BridgeTower.from_pretrained(saved(hf, tmp_path))
+    assert "ignored 2 keys on purpose: text_model.pooler.dense.bias, text_model.pooler.dense.weight" in \
+        capsys.readouterr().out
+    ours.save_pretrained(tmp_path / "ours")
+    BridgeTower.from_pretrained(str(tmp_path / "ours"))
+    assert "on purpose" not in capsys.readouterr().out
+
+
 def test_heads_requested_and_dropped(tmp_path, capsys):
     torch.manual_seed(4)
     hf = T.BridgeTowerForMaskedLM(hf_tiny_config()).eval()
