@@ -142,8 +142,8 @@ def gemm_bound(config, wall, forward):
     floor = flops / rate
     fastest = min(best, key=best.get)
     print(f"forward: {_figure(flops / 1e9)} GFLOP in matrix products and attention; GEMM {rows}x{width} @ "
-          f"{width}x{4 * width} best {rate / 1e9:.0f} GFLOP/s here ({fastest}); overall transformers "
-          f"{flops / wall['transformers'] / 1e9:.0f}, ours {flops / wall['ours'] / 1e9:.0f} GFLOP/s")
+          f"{width}x{4 * width} best {_figure(rate / 1e9)} GFLOP/s here ({fastest}); overall transformers "
+          f"{_figure(flops / wall['transformers'] / 1e9)}, ours {_figure(flops / wall['ours'] / 1e9)} GFLOP/s")
     print(f"forward: floor {_figure(floor)} s at that GEMM rate with attention and everything else free, so no "
           f"implementation of these FLOPs beats transformers by more than {wall['transformers'] / floor:.2f}x here")
 

@@ -1174,5 +1174,5 @@ if __name__ == "__main__":
         _bench([a for a in sys.argv[1:] if a != "--bench"])
     else:
         print(__doc__)
-        if len(sys.argv) > 1:
+        if len(sys.argv) > 1 and sys.argv[1:] not in (["-h"], ["--help"]):
             sys.exit(f"data.py: unknown arguments {sys.argv[1:]}: only --bench runs something")

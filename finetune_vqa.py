@@ -803,10 +803,11 @@ def main():
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_items)} training questions do not fill one batch of {batch_size}")
     total_steps = max_steps or epochs * steps_per_epoch
-    step, skipped = 0, 0
+    step, skipped, metrics_resume = 0, 0, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, skipped = ckpt["step"], ckpt.get("skipped", 0)
+        metrics_resume = (step, ckpt.get("metrics_size"))
         tu.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_master:
             print(message)
@@ -831,8 +832,7 @@ def main():
     if test_split:  # read now, so that a missing file or image folder stops the run before training, not after
         test_questions = load_questions(root, test_split, image_dir)
         check_image_root(test_questions)
-    # start_step > 0: resumed from a checkpoint (none is written at step 0)
-    logger = tu.MetricLogger(out_dir, dist.is_master, resumed_step=start_step if start_step > 0 else None)
+    logger = tu.MetricLogger(out_dir, dist.is_master, resume=metrics_resume)
     warmup_steps = int(warmup_ratio * total_steps)
     cfg = raw_model.config
     # questions are padded to the longest in the batch, so max_text_len overstates the FLOPs (MFU is an upper bound)
@@ -848,7 +848,8 @@ def main():
         state = {"kind": "finetune_vqa", "model": raw_model.state_dict(), "model_config": asdict(cfg),
                  "optimizer": optimizer.state_dict(),
                  "step": step, "accum": accum, "world_size": dist.world_size,
-                 "skipped": skipped, "answers": answers, "config": config, "rng": tu.gather_rng_states(dist)}
+                 "skipped": skipped, "answers": answers, "config": config, "rng": tu.gather_rng_states(dist),
+                 "metrics_size": logger.size()}
         if dist.is_master:
             tu.save_checkpoint(out_dir, state)
 
@@ -927,4 +928,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: --resume continues from the last checkpoint (the last 'checkpoint:' line above)")
+        sys.exit("\ninterrupted" + ("" if predict else ": --resume continues from the last checkpoint (the last "
+                                                       "'checkpoint:' line above)"))

@@ -656,13 +656,16 @@ class BridgeTower(nn.Module):
         H = self.config.hidden_size
         state["bridgetower.text_model.pooler.dense.weight"] = torch.zeros(H, H)
         state["bridgetower.text_model.pooler.dense.bias"] = torch.zeros(H)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config), f, indent=2)
         path = os.path.join(directory, "model.safetensors")
         save_file(state, path, metadata={"format": "pt"})
         umask = os.umask(0)  # safetensors writes the file 0600; give it the mode any new file gets (umask read back)
         os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config), f, indent=2)
+        try:
+            os.chmod(path, 0o666 & ~umask)
+        except OSError:  # a file system without modes: the file is written all the same
+            pass
 
     def _load_checkpoint(self, state, source, found_heads):
         """Load a whole-model state (HF key names without `bridgetower.`). Returns report lines."""
@@ -773,7 +776,8 @@ def drop_ignored(state, ignored):
     from fnmatch import fnmatchcase
     dropped = {k for k in state if any(fnmatchcase(k, p) for p in ignored)}
     kept = {k: v for k, v in state.items() if k not in dropped}
-    # nothing to report when every one is zeros: what our save_pretrained writes for the RoBERTa pooler HF expects
+    # nothing to report when every one is zeros (nothing is lost): e.g. the RoBERTa pooler that our save_pretrained
+    # writes as zeros, since HF's classes expect it
     if all(torch.is_tensor(state[k]) and not state[k].any() for k in dropped):
         return kept, []
     return kept, [f"ignored {len(dropped)} keys on purpose: {_listing(dropped, 6)}"]

@@ -3,8 +3,8 @@ Pre-train BridgeTower with the original's two objectives, masked language modell
 matching (ITM), as two separate forward passes whose losses are summed.
 
   python pretrain.py                                  # demo: tiny model, synthetic scenes, CPU, about 3 minutes
-  torchrun --nproc_per_node=2 pretrain.py --out_dir=out/pretrain_2proc   # the same on 2 processes (gloo on CPU,
-                                                      # NCCL on GPU), in a directory of its own
+  torchrun --nproc_per_node=2 pretrain.py --out_dir=out/pretrain_2proc
+                                                      # the same on 2 processes (gloo on CPU, NCCL on GPU)
   python pretrain.py --resume                         # continue a killed run from out_dir/ckpt.pt (none: start)
   torchrun --nproc_per_node=8 pretrain.py config/pretrain_base.py    # the paper's recipe (paths in the config)
   torchrun --nproc_per_node=8 pretrain.py config/pretrain_base.py \
@@ -13,7 +13,8 @@ matching (ITM), as two separate forward passes whose losses are summed.
 
 Configuration is the module globals below, overridden by config files and --key=value (train_utils.configure).
 The run directory (out_dir) gets metrics.jsonl, ckpt.pt (the latest checkpoint), final/ (save_pretrained, the
-tokenizer files and HF's preprocessor_config.json), which finetune_vqa.py can start from, and, from scratch, tokenizer/ (the demo tokenizer).
+tokenizer files and HF's preprocessor_config.json), which finetune_vqa.py can start from, and, from scratch,
+tokenizer/ (the demo tokenizer).
 `python pretrain.py --help` lists every setting with its default.
 """
 import os
@@ -242,10 +243,11 @@ def main():
     tu.check_tokenizer_fits(tokenizer, tok_dir, model.config)
     model.to(dist.device)
     optimizer = make_optimizer(model, dist.device)
-    step, skipped, data_position = 0, 0, 0
+    step, skipped, data_position, metrics_resume = 0, 0, 0, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, skipped, data_position = ckpt["step"], ckpt["skipped"], ckpt["data_position"]
+        metrics_resume = (step, ckpt.get("metrics_size"))
         tu.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_master:
             print(message)
@@ -263,8 +265,7 @@ def main():
                                    max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
                                    rank=dist.rank, world_size=dist.world_size, num_workers=num_workers, seed=seed,
                                    start_batch=data_position)
-    # start_step > 0: resumed from a checkpoint (none is written at step 0)
-    logger = tu.MetricLogger(out_dir, dist.is_master, resumed_step=start_step if start_step > 0 else None)
+    logger = tu.MetricLogger(out_dir, dist.is_master, resume=metrics_resume)
     warmup_steps = int(warmup_ratio * max_steps)
     cfg = raw_model.config
     flops = step_flops(cfg)
@@ -278,7 +279,8 @@ def main():
         state = {"kind": "pretrain", "model": raw_model.state_dict(), "model_config": asdict(cfg),
                  "optimizer": optimizer.state_dict(),
                  "step": step, "data_position": step * accum, "accum": accum, "world_size": dist.world_size,
-                 "config": config, "skipped": skipped, "rng": tu.gather_rng_states(dist)}
+                 "config": config, "skipped": skipped, "rng": tu.gather_rng_states(dist),
+                 "metrics_size": logger.size()}
         if dist.is_master:
             tu.save_checkpoint(out_dir, state)
 
@@ -394,4 +396,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: --resume continues from the last checkpoint (the last 'checkpoint:' line above)")
+        sys.exit("\ninterrupted" + ("" if bench else ": --resume continues from the last checkpoint (the last "
+                                                     "'checkpoint:' line above)"))

@@ -12,6 +12,7 @@ import re
 import shutil
 import sys
 import time
+import tokenize
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -35,19 +36,24 @@ def _config_keys(globals_dict, constants=False):
 
 
 def _setting_comments(path):
-    """{name: comment} from a script's `name = value  # comment` lines and the comment-only lines under them."""
-    comments, name = {}, None
+    """{name: comment} from a script's `name = value  # comment` lines and the indented comment-only lines under
+    them (the tokenizer tells a comment from a '#' inside a string)."""
     try:
-        lines = open(path).read().splitlines()
-    except (OSError, TypeError):
-        return comments
-    for line in lines:
-        setting = re.match(r"(\w+) *=[^#]*#\s?(.*)", line)
-        if setting:
+        with open(path) as f:
+            lines = f.read().splitlines(keepends=True)
+        found = {t.start[0]: t for t in tokenize.generate_tokens(iter(lines).__next__) if t.type == tokenize.COMMENT}
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        return {}
+    comments, name = {}, None
+    for number, line in enumerate(lines, 1):
+        comment = found.get(number)
+        code = line[:comment.start[1]] if comment else line
+        setting = re.match(r"(\w+) *=", code)
+        if setting and comment:
             name = setting.group(1)
-            comments[name] = setting.group(2).strip()
-        elif name and re.match(r"\s+#", line):
-            comments[name] += " " + line.strip()[1:].strip()
+            comments[name] = comment.string[1:].strip()
+        elif name and comment and not code.strip() and comment.start[1] > 0:
+            comments[name] += " " + comment.string[1:].strip()
         else:
             name = None
     return comments
@@ -459,31 +465,32 @@ def _fmt(v):
 
 class MetricLogger:
     """One printed line per call (unless echo=False), and the same metrics as a JSON line in run_dir/metrics.jsonl.
-    Only the master process writes. A new run (resumed_step None) starts the file afresh: what is there is left by
-    a run killed before its first checkpoint, whose steps this one does again. A run resumed from a checkpoint at
-    resumed_step keeps the lines up to that step, drops the later ones (it logs those steps again) and marks the
-    seam with a {"kind": "resume", "step": ...} line."""
+    Only the master process writes.
+    resume=None: a new run, which starts the file afresh (what is there was left by a run killed before its first
+    checkpoint, whose steps this one does again). resume=(step, size): a run resumed from the checkpoint of that
+    step, which recorded the file's size then (`size()`). The file is cut back to it (the lines after it, also a
+    final evaluation logged after the last checkpoint, are logged again by the resumed run; a checkpoint from
+    before 2026-11-29 has no size, and nothing is cut), and a {"kind": "resume", "step": step} line marks the
+    seam. Both edit the file in place, so that `tail -f` keeps following it."""
 
-    def __init__(self, run_dir, is_master=True, filename="metrics.jsonl", resumed_step=None):
+    def __init__(self, run_dir, is_master=True, filename="metrics.jsonl", resume=None):
         self.is_master = is_master
         self.path = os.path.join(run_dir, filename)
         if not is_master:
             return
         os.makedirs(run_dir, exist_ok=True)
-        kept = []
-        if resumed_step is not None:
-            if os.path.exists(self.path):
-                with open(self.path) as f:
-                    for line in f:
-                        try:
-                            if json.loads(line)["step"] <= resumed_step:
-                                kept.append(line if line.endswith("\n") else line + "\n")
-                        except (ValueError, KeyError, TypeError):
-                            pass  # a line cut short by the kill
-            kept.append(json.dumps({"kind": "resume", "step": resumed_step, "time": time.time()}) + "\n")
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
+        if resume is None:
+            open(self.path, "w").close()
+            return
+        step, size = resume
+        if size is not None and os.path.exists(self.path) and os.path.getsize(self.path) > size:
+            os.truncate(self.path, size)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": "resume", "step": step, "time": time.time()}) + "\n")
+
+    def size(self):
+        """Bytes logged so far, all in whole lines: a checkpoint records it (see resume)."""
+        return os.path.getsize(self.path) if self.is_master and os.path.exists(self.path) else 0
 
     def log(self, step, kind="train", echo=True, **metrics):
         if not self.is_master:

@@ -464,6 +464,11 @@ def test_benchmark_code_runs(monkeypatch, capsys):
         return F.layer_norm(h + c, (48,), w, b)
     x = [torch.randn(6, 48), torch.randn(6, 48), torch.randn(48), torch.randn(48)]
     assert bk._error_ratio(lambda *a: layer_norm(*a) * 1.001, layer_norm, x, torch.randn(6, 48)) > 1
+    # NaN fails too: in a gradient only (where's classic: the branch not taken still sends 0 * NaN back), or out
+    nan_grad = lambda h, c, w, b: layer_norm(torch.where(h > 1e9, (-h).sqrt(), h), c, w, b)
+    nan_out = lambda h, c, w, b: layer_norm(h, c, w, b) * torch.tensor([float("nan")] + [1.0] * 47)
+    for fn in (nan_grad, nan_out):
+        assert bk._error_ratio(fn, layer_norm, x, torch.randn(6, 48)) == float("inf")
     # and what main() runs on a GPU around them, with the same tiny shapes
     small_ln, small_attn = bk.bench_add_layer_norm, bk.bench_attention
     monkeypatch.setattr(bk, "bench_add_layer_norm",

@@ -187,11 +187,16 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     stdout = _run(RESUME_ARGS + [f"--out_dir={cut}", "--resume"])
     assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
     assert _train_lines(cut) == _train_lines(full)
-    # each step logged once: the killed run's lines after its checkpoint are dropped, a marker shows the seam
-    records = [json.loads(line) for line in open(os.path.join(cut, "metrics.jsonl"))]
-    steps = [r["step"] for r in records if r["kind"] == "train"]
-    assert steps == list(range(1, len(steps) + 1)) and [r["step"] for r in records if r["kind"] == "resume"] == [killed_at]
     assert_same_final_weights(full, cut)
+    # each step and evaluation logged once: the killed run's lines after its checkpoint are dropped, a marker shows
+    # the seam; resuming the finished run (a pre-emptible job's one command, run again) evaluates it once more
+    # in place of its last evaluation
+    _run(RESUME_ARGS + [f"--out_dir={cut}", "--resume"])
+    records = [(r["kind"], r["step"]) for r in map(json.loads, open(os.path.join(cut, "metrics.jsonl")))]
+    assert [step for kind, step in records if kind == "train"] == list(range(1, 9))
+    assert [step for kind, step in records if kind == "eval"] == [0, 4, 8]  # eval_interval 4, and the final one
+    assert [step for kind, step in records if kind == "resume"] == [killed_at, 8] and records[-2:] == [
+        ("resume", 8), ("eval", 8)]
     assert eval_line(stdout) == eval_line(full_stdout)
     # a new run would overwrite the finished one; a resume that changes the optimiser's groups would not take
     # effect (here torch would fail on the group count): both stop at once, saying why

@@ -70,13 +70,15 @@ def test_configure_help(capsys, tmp_path):
     # each setting with its default and the comment on its line in the script (and the comment lines under it)
     script = tmp_path / "train.py"
     script.write_text("batch_size = 32   # global batch\nlr = 1e-5  # peak rate,\n          # then decay\n\n"
-                      "betas = (0.9, 0.98)\n")
+                      "# a section heading\nbetas = (0.9, 0.98)\nout_dir = 'out/#1'  # where '#' is in the value\n"
+                      "init_from = '#x'\n")
     with pytest.raises(SystemExit):
         tu.configure(dict(_defaults(), __doc__="A training script.", __file__=str(script)), ["--help"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "A training script."
     assert "  --batch_size=32                    global batch" in lines
     assert "  --lr=1e-05                         peak rate, then decay" in lines and "  --betas=(0.9, 0.98)" in lines
+    assert "  --out_dir='out/x'                  where '#' is in the value" in lines and "  --init_from=''" in lines
 
 
 def test_check_settings_names_every_bad_one():
@@ -234,14 +236,23 @@ def test_metric_logger(tmp_path, capsys):
     assert out == ["step 3 | loss 1.235 | lr 1e-05 | eta 1m00s", "eval step 4 | mlm_acc 0.5"]
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [(l["kind"], l["step"]) for l in lines] == [("train", 3), ("eval", 4)] and lines[0]["loss"] == 1.23456
-    # resumed from a checkpoint at step 3: the killed run's later lines go (a line cut short too), a marker follows
-    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
-        f.write('{"kind": "train", "st')
-    tu.MetricLogger(tmp_path / "run", is_master=True, resumed_step=3).log(4, echo=False, loss=0.5)
+    # resumed from the checkpoint of step 3, written when the file held the first line: the killed run's later
+    # lines go (the eval at step 4, undecodable bytes cut short by the kill), a marker follows; edited in place, so
+    # that a reader following the file (tail -f) keeps reading it
+    size_at_checkpoint = len(open(tmp_path / "run" / "metrics.jsonl", "rb").readline())
+    with open(tmp_path / "run" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "train", "st\xff\xfe')
+    follower = open(tmp_path / "run" / "metrics.jsonl")
+    resumed = tu.MetricLogger(tmp_path / "run", is_master=True, resume=(3, size_at_checkpoint))
+    resumed.log(4, echo=False, loss=0.5)
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert [(l["kind"], l["step"]) for l in lines] == [("train", 3), ("resume", 3), ("train", 4)]
     assert lines[0]["loss"] == 1.23456 and lines[2]["loss"] == 0.5
-    # a new run (the last one left no checkpoint) starts the file afresh
+    assert [json.loads(l)["kind"] for l in follower] == ["train", "resume", "train"]
+    assert resumed.size() == os.path.getsize(tmp_path / "run" / "metrics.jsonl")
+    # a checkpoint from before sizes were recorded cuts nothing; a new run (the last left no checkpoint) starts afresh
+    tu.MetricLogger(tmp_path / "run", is_master=True, resume=(4, None))
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 4
     tu.MetricLogger(tmp_path / "run", is_master=True).log(1, echo=False, loss=2.0)
     assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1]
 

@@ -484,6 +484,10 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
     assert_same_final_weights(full, cut)
     drop_time = lambda line: {k: v for k, v in line.items() if k != "time_s"}
     assert drop_time(eval_line(stdout)) == drop_time(eval_line(full_stdout))
+    # metrics.jsonl as the uninterrupted run's, each step once, with the seam marked where the resume began
+    records = [(r["kind"], r["step"]) for r in map(json.loads, open(os.path.join(cut, "metrics.jsonl")))]
+    uninterrupted = [(r["kind"], r["step"]) for r in map(json.loads, open(os.path.join(full, "metrics.jsonl")))]
+    assert [r for r in records if r[0] != "resume"] == uninterrupted and records.count(("resume", killed_at)) == 1
 
 
 def test_train_plus_val_holds_out_the_last_val_images(tmp_path, monkeypatch):
