@@ -521,9 +521,10 @@ class BridgeTower(nn.Module):
             if not unpadded:
                 key_mask = attention_mask.bool()
 
-        states = {"text": [], "image": [], "cross": [], "cross_inputs": []}
+        states = ({"text": [], "image": [], "cross": [], "cross_inputs": []}
+                  if output_hidden_states or output_attentions else None)
         t, ct, ci, image_input = self._encode(input_ids, pixel_values, key_mask, skip_last_image_layer=mlm_only,
-                                              states=states if output_hidden_states or output_attentions else None)
+                                              states=states)
         out = BridgeTowerOutput(text_features=ct, image_features=ci)
         if output_hidden_states:
             out.hidden_states = tuple(tuple(states[name]) for name in ("text", "image", "cross"))
