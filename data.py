@@ -344,6 +344,8 @@ def _randaugment_ops(magnitude):
     (`blip_transform_randaug_wohf`) configures it, magnitude on its 0..10 scale.
 
     Ten ops and no colour change: no Color, Contrast, Posterize or Solarize, since VQA answers name colours.
+    AutoContrast is PIL's per-channel stretch, as intended; the original's port negates a uint8 minimum, which
+    wraps, so it turns every channel whose minimum is above 0 white (salesforce/LAVIS #643): not reproduced.
     Brightness and Sharpness get the factor 0.1 + 1.8 * m / 10, which is exactly 1 (no change) at the recipe's
     magnitude 5. Shear (0.3 * m / 10), rotation (30 degrees * m / 10) and translation (m pixels, whatever the
     image size) take a random sign, resample bilinearly (shifts by whole pixels: nearest, the same pixels) and fill

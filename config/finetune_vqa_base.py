@@ -1,4 +1,5 @@
-# BridgeTower-Base VQAv2 fine-tuning, the paper's recipe (the original's task_finetune_vqa_clip_bert):
+# BridgeTower-Base VQAv2 fine-tuning, the paper's recipe (the original's task_finetune_vqa_clip_bert with the
+# overrides of its scripts/ftfpt_base_vqa.sh: warmup 0.06, weight decay 0.05, the RandAugment transform):
 # from the pre-trained BridgeTower-Base, 576 px (position embeddings interpolated from 288 px),
 # train+val, 10 epochs, global batch 512, AdamW (0.9, 0.98) eps 1e-8, lr 1e-5 with 6% warmup then linear to 0,
 # weight decay 0.05 (none on biases and LayerNorms), lr x50 for the VQA head and x5 for cross_modal*, random

@@ -298,8 +298,9 @@ def test_randaugment_shortcuts_change_no_pixel(magnitude):
         assert ops[name](img, random.Random(0)).tobytes() == want.tobytes(), name
 
 
-def test_randaugment_is_the_originals(monkeypatch):
+def test_randaugment_ops_and_strengths_are_the_originals(monkeypatch):
     # BridgeTower's VQA transform: BLIP's RandomAugment(2, 5) over ten ops, each drawn op applied with p = 1/2
+    # (AutoContrast without the original's uint8 wrap-around, see data._randaugment_ops)
     ops = data._randaugment_ops(5)
     assert set(ops) == {"Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
                         "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
