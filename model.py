@@ -343,7 +343,7 @@ class ResidualAttentionBlock(nn.Module):
 
 class VisionTransformer(nn.Module):
     """HF `vision_model.visual`. ln_post is shared by every block output that feeds the cross-modal encoder.
-    No forward: BridgeTower._encode runs the blocks in lock-step with the text layers."""
+    No forward: BridgeTower.encode_image runs the blocks and taps the top ones for the cross layers."""
 
     def __init__(self, config):
         super().__init__()
@@ -445,6 +445,9 @@ class BridgeTowerOutput:
     # output_attentions=True: (text, image) self-attention probabilities of each cross layer, (B, heads, T, T) and
     # (B, heads, L, L), as HF's (before dropout; HF's are after it)
     attentions: Optional[tuple] = None
+    # return_image_inputs=True: each cross layer's image input, W·ln_post(v) + image type (B, L, H), before its
+    # LayerNorm or bridge; give them back as image_inputs= (rows in any order) to skip the vision tower
+    image_inputs: Optional[tuple] = None
 
 
 # -----------------------------------------------------------------------------
@@ -494,7 +497,7 @@ class BridgeTower(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, heads=None, mlm_positions=None,
-                output_hidden_states=False, output_attentions=False):
+                output_hidden_states=False, output_attentions=False, image_inputs=None, return_image_inputs=False):
         """input_ids (B,T), attention_mask (B,T) 1 = token 0 = pad (default all ones), pixel_values (B,3,S,S).
         heads=None computes every built head and all features. An explicit heads=(...) computes only what those
         heads need: with heads=("mlm",) the last image-side cross layer and the poolers are skipped (MLM reads
@@ -502,13 +505,24 @@ class BridgeTower(nn.Module):
         mlm_positions (B,T) bool: compute MLM logits only there, (N,V) in row-major order (training labels
         cover ~15% of tokens, and the vocabulary projection is the largest matmul of the head).
         output_hidden_states / output_attentions: also return every layer's output / the cross layers'
-        self-attention probabilities (see BridgeTowerOutput)."""
+        self-attention probabilities (see BridgeTowerOutput).
+        return_image_inputs: also return out.image_inputs, what the vision tower gives the cross layers; an
+        image_inputs= from an earlier call or from encode_image (its rows in any order) then replaces pixel_values,
+        and the tower does not run again. CLIP has no dropout, so values and gradients are those of running it again: pre-training's ITM
+        pass reuses the MLM pass's (a quarter of the step's FLOPs)."""
         mlm_only = heads is not None and tuple(heads) == ("mlm",)
         heads = self.config.heads if heads is None else tuple(heads)
         if not set(heads) <= set(self.config.heads):
             raise ValueError(f"heads {heads} requested, but the model has only {self.config.heads}")
-        if pixel_values is None:
-            raise ValueError("BridgeTower needs pixel_values")
+        if (pixel_values is None) == (image_inputs is None):
+            raise ValueError("BridgeTower needs pixel_values, or image_inputs from an earlier call: one of them")
+        if image_inputs is not None:
+            image_inputs = tuple(image_inputs)
+            if len(image_inputs) != self.config.cross_layers or any(len(x) != len(input_ids) for x in image_inputs):
+                raise ValueError(f"image_inputs: expected {self.config.cross_layers} tensors (out.image_inputs) of "
+                                 f"{len(input_ids)} rows, got {[tuple(x.shape) for x in image_inputs]}")
+            if output_hidden_states or output_attentions:
+                raise ValueError("output_hidden_states / output_attentions need pixel_values, not image_inputs")
         key_mask = None  # no mask at all when nothing is padded: the fastest attention path
         if attention_mask is not None:
             # one host sync for both facts
@@ -523,9 +537,17 @@ class BridgeTower(nn.Module):
 
         states = ({"text": [], "image": [], "cross": [], "cross_inputs": []}
                   if output_hidden_states or output_attentions else None)
-        t, ct, ci, image_input = self._encode(input_ids, pixel_values, key_mask, skip_last_image_layer=mlm_only,
-                                              states=states)
-        out = BridgeTowerOutput(text_features=ct, image_features=ci)
+
+        def keep(**outputs):  # every layer's output, for output_hidden_states / output_attentions
+            if states is not None:
+                for name, x in outputs.items():
+                    states[name].append(x)
+
+        if image_inputs is None:
+            image_inputs = self.encode_image(pixel_values, keep)
+        t, ct, ci = self._encode(input_ids, image_inputs, key_mask, keep, skip_last_image_layer=mlm_only)
+        out = BridgeTowerOutput(text_features=ct, image_features=ci,
+                                image_inputs=image_inputs if return_image_inputs else None)
         if output_hidden_states:
             out.hidden_states = tuple(tuple(states[name]) for name in ("text", "image", "cross"))
         if output_attentions:
@@ -546,42 +568,54 @@ class BridgeTower(nn.Module):
             # HF: CLS of the last uni-modal text layer; CLS of the last image block after ln_post, the (shared)
             # image transform and the image type embedding, which is exactly the last bridge's image input
             out.text_embeds = F.normalize(self.itc_text_head(t[:, 0]), dim=-1)
-            out.image_embeds = F.normalize(self.itc_image_head(image_input[:, 0]), dim=-1)
+            out.image_embeds = F.normalize(self.itc_image_head(image_inputs[-1][:, 0]), dim=-1)
             out.cross_embeds = F.normalize(self.itc_cross_modal_head(out.pooler_output), dim=-1)
         if "vqa" in heads:
             out.vqa_logits = self.vqa_classifier(out.pooler_output)
         return out
 
-    def _encode(self, input_ids, pixel_values, key_mask, skip_last_image_layer=False, states=None):
-        """The BridgeTower schedule. Text layer i and image block i run in lock-step; the top N of them each feed
-        one cross layer: cross layer 0 through the first-layer LayerNorms, cross layers 1..N-1 through the bridges.
-        Both streams of cross layer k attend to the *inputs* of the other stream at layer k.
-        Returns the last uni-modal text states, both cross-modal outputs and the last bridge's image input.
-        states: None, or a dict of lists to which every layer's output (and each cross layer's inputs) is added."""
-        def keep(**outputs):
-            if states is not None:
-                for name, x in outputs.items():
-                    states[name].append(x)
+    def encode_image(self, pixel_values, keep=None):
+        """The vision tower's part, for forward's image_inputs=: the image input of each cross layer k,
+        W_i·ln_post(v) + the image type embedding, v the output of the block beside text layer
+        text_layers - cross_layers + k (blocks above text_layers never run). `keep(image=...)` is given ln_pre's
+        output and each block's."""
+        keep = keep or (lambda **outputs: None)
+        c = self.config
+        visual = self.vision_model.visual
+        image_type = self.token_type_embeddings.weight[1]
+        v = visual.ln_pre(visual.embeddings(pixel_values))
+        keep(image=v)
+        first_fed = c.text_layers - c.cross_layers
+        inputs = []
+        for i in range(c.text_layers):
+            v = visual.transformer.resblocks[i](v)
+            keep(image=v)
+            if i >= first_fed:
+                inputs.append(self._project(self.cross_modal_image_transform, i - first_fed, visual.ln_post(v))
+                              + image_type)
+        return tuple(inputs)
 
+    def _encode(self, input_ids, image_inputs, key_mask, keep, skip_last_image_layer=False):
+        """The BridgeTower schedule. The top N text layers and image blocks each feed one cross layer: cross
+        layer 0 through the first-layer LayerNorms, cross layers 1..N-1 through the bridges. Both streams of cross
+        layer k attend to the *inputs* of the other stream at layer k.
+        Returns the last uni-modal text states and both cross-modal outputs. `keep(name=...)` is given each text
+        layer's output (text), each cross layer's outputs (cross) and its inputs (cross_inputs)."""
         c = self.config
         text_layers = self.text_model.encoder.layer
-        blocks = self.vision_model.visual.transformer.resblocks
-        ln_post = self.vision_model.visual.ln_post
-        text_type, image_type = self.token_type_embeddings.weight
+        text_type = self.token_type_embeddings.weight[0]
 
         t = self.text_model.embeddings(input_ids)
-        v = self.vision_model.visual.ln_pre(self.vision_model.visual.embeddings(pixel_values))
-        keep(text=t, image=v)
+        keep(text=t)
         first_fed = c.text_layers - c.cross_layers
         for i in range(first_fed):
-            t, v = text_layers[i](t, key_mask), blocks[i](v)
-            keep(text=t, image=v)
+            t = text_layers[i](t, key_mask)
+            keep(text=t)
         for k in range(c.cross_layers):
-            i = first_fed + k
-            t, v = text_layers[i](t, key_mask), blocks[i](v)
-            keep(text=t, image=v)
+            t = text_layers[first_fed + k](t, key_mask)
+            keep(text=t)
             text_input = self._project(self.cross_modal_text_transform, k, t) + text_type
-            image_input = self._project(self.cross_modal_image_transform, k, ln_post(v)) + image_type
+            image_input = image_inputs[k]
             if k == 0:
                 xt, xi = self.cross_modal_text_layernorm(text_input), self.cross_modal_image_layernorm(image_input)
             else:
@@ -593,7 +627,7 @@ class BridgeTower(nn.Module):
             else:
                 ci = self.cross_modal_image_layers[k](xi, xt, None, key_mask)
             keep(cross=(ct, ci), cross_inputs=(xt, xi))
-        return t, ct, ci, image_input
+        return t, ct, ci
 
     @staticmethod
     def _project(transform, k, x):

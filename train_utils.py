@@ -532,12 +532,13 @@ def peak_flops_of(name):
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def flops_per_sample(config, text_len, image_len=None, heads=(), mlm_tokens=None):
+def flops_per_sample(config, text_len, image_len=None, heads=(), mlm_tokens=None, vision=True):
     """Training FLOPs (forward + backward = 3x forward) of one sample through the model once, counting matrix
     multiplies only (as PaLM's MFU does): text layers, vision blocks, both cross-modal streams, and `heads`.
     It follows model.py's schedule: vision blocks above text_layers never run, and an MLM-only pass skips the
     last image-side cross layer and the poolers. mlm_tokens: positions the MLM head scores (model(...,
-    mlm_positions=...)), default all text_len. image_len counts the class token; default from the config."""
+    mlm_positions=...)), default all text_len. image_len counts the class token; default from the config.
+    vision=False: a pass given image_inputs= (no vision tower, no image input transforms)."""
     H, I, W = config.hidden_size, config.intermediate_size, config.vision_width
     T, N = text_len, config.cross_layers
     L = image_len or (config.image_size // config.patch_size) ** 2 + 1
@@ -549,10 +550,12 @@ def flops_per_sample(config, text_len, image_len=None, heads=(), mlm_tokens=None
     def cross_layer(n, m):  # a BERT layer plus cross-attention: q/o on own n tokens, k/v on the other m tokens
         return encoder_layer(n, H, I) + 2 * n * 2 * H * H + 2 * m * 2 * H * H + 2 * 2 * n * m * H
 
-    patch_conv = 2 * (L - 1) * 3 * config.patch_size ** 2 * W
+    patch_conv = 2 * (L - 1) * 3 * config.patch_size ** 2 * W if vision else 0
     forward = config.text_layers * encoder_layer(T, H, I) + patch_conv
-    forward += min(config.vision_layers, config.text_layers) * encoder_layer(L, W, 4 * W)
-    forward += N * 2 * (T * H * H + L * W * H)  # the text/image input transforms at each cross layer
+    if vision:
+        forward += min(config.vision_layers, config.text_layers) * encoder_layer(L, W, 4 * W)
+        forward += N * 2 * L * W * H  # the image input transform at each cross layer
+    forward += N * 2 * T * H * H  # the text input transform at each cross layer
     forward += N * cross_layer(T, L) + (N - mlm_only) * cross_layer(L, T)
     forward += 0 if mlm_only else 2 * 2 * H * H  # the two poolers
     head_flops = {

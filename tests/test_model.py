@@ -570,6 +570,30 @@ def test_mlm_pass_and_positions():
         model(ids, pixel_values=pixels, heads=("vqa",))
 
 
+def test_image_inputs_replace_the_vision_tower():
+    """image_inputs= (from return_image_inputs or encode_image, rows in any order) gives what pixel_values of those
+    rows give, with the ITC embeddings; wrong counts and row numbers are errors that say what is expected."""
+    torch.manual_seed(13)
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("itm", "itc"))).eval()
+    ids, mask, pixels = inputs(batch=3)
+    order = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask, pixel_values=pixels, return_image_inputs=True)
+        want = model(ids, attention_mask=mask, pixel_values=pixels[order])
+        got = model(ids, attention_mask=mask, image_inputs=[x[order] for x in first.image_inputs])
+        tower = model.encode_image(pixels)
+    assert want.image_inputs is None and len(first.image_inputs) == model.config.cross_layers
+    assert all(torch.equal(a, b) for a, b in zip(tower, first.image_inputs))
+    for name in ("pooler_output", "itm_logits", "text_embeds", "image_embeds", "cross_embeds", "image_features"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="one of them"):
+        model(ids, pixel_values=pixels, image_inputs=tower)
+    with pytest.raises(ValueError, match="expected 2 tensors .* of 3 rows"):
+        model(ids, image_inputs=[x[:2] for x in tower])
+    with pytest.raises(ValueError, match="need pixel_values"):
+        model(ids, image_inputs=tower, output_hidden_states=True)
+
+
 def test_padding_is_invisible():
     """Whatever sits in padded positions changes nothing at the real tokens, nor the pooled output;
     an all-ones mask is the same as none."""

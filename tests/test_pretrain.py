@@ -159,6 +159,43 @@ def test_grad_checkpointing_same_gradients(kernels, monkeypatch):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_itm_pass_reuses_the_vision_tower(monkeypatch):
+    # the ITM pass takes the MLM pass's image inputs, rows permuted: the vision tower runs once a micro-batch, and
+    # the loss and every gradient are those of two full passes (dropout on: CLIP has none, so the text and cross
+    # layers draw the same masks either way)
+    import torch.nn.functional as F
+    from model import BridgeTower, BridgeTowerConfig, ResidualAttentionBlock
+    monkeypatch.setattr(pretrain, "image_size", 32)
+    monkeypatch.setattr(pretrain, "max_text_len", 12)
+    config = BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, hidden_dropout=0.1,
+                                      attention_dropout=0.1, heads=("mlm", "itm"))
+    torch.manual_seed(0)
+    model = BridgeTower(config)
+    batch = pretrain.random_batch(4, 300, torch.Generator().manual_seed(1))
+    batch["itm_image_index"] = torch.tensor([2, 1, 0, 2])  # one image twice, one not at all
+    calls = []
+    hooks = [m.register_forward_hook(lambda *args: calls.append(1)) for m in model.modules()
+             if isinstance(m, ResidualAttentionBlock)]
+    torch.manual_seed(3)
+    loss, _ = pretrain.pretrain_loss(model, batch, torch.device("cpu"))
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == config.text_layers  # one pass through the tower
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(3)
+    masked = batch["mlm_labels"] != -100
+    mlm = model(batch["mlm_input_ids"], batch["attention_mask"], batch["pixel_values"], heads=("mlm",)).mlm_logits
+    itm = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][batch["itm_image_index"]],
+                heads=("itm",)).itm_logits
+    want = F.cross_entropy(mlm[masked], batch["mlm_labels"][masked]) + F.cross_entropy(itm, batch["itm_labels"])
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 # -----------------------------------------------------------------------------
 # kill and resume
 

@@ -400,8 +400,9 @@ def _math_attention(q, k, v, key_mask=None, dropout_p=0.0, requested="auto"):
     return scores.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("heads", [("mlm",), ("itm",), ("mlm", "itm", "itc", "vqa")])
-def test_flops_per_sample_matches_flop_counter(monkeypatch, heads):
+@pytest.mark.parametrize("heads,vision", [(("mlm",), True), (("itm",), True), (("itm",), False),
+                                          (("mlm", "itm", "itc", "vqa"), True)])
+def test_flops_per_sample_matches_flop_counter(monkeypatch, heads, vision):
     from torch.utils.flop_counter import FlopCounterMode
     import model as M
     monkeypatch.setattr(M, "bridge_attention", _math_attention)
@@ -415,9 +416,13 @@ def test_flops_per_sample_matches_flop_counter(monkeypatch, heads):
     positions = torch.zeros(B, T, dtype=torch.bool)
     positions[:, 2:5] = True
     kw = {"mlm_positions": positions} if heads == ("mlm",) else {}
+    mlm_tokens = 3 if kw else None
+    pixels = torch.randn(B, 3, 48, 48)
+    # vision=False: the pass is given the vision tower's output (pre-training's ITM pass), which costs nothing here
+    kw.update(pixel_values=pixels) if vision else kw.update(image_inputs=[x.detach() for x in model.encode_image(pixels)])
     with FlopCounterMode(display=False) as counter:
-        out = model(ids, pixel_values=torch.randn(B, 3, 48, 48), heads=heads, **kw)
+        out = model(ids, heads=heads, **kw)
         sum(x.float().sum() for x in (out.mlm_logits, out.itm_logits, out.vqa_logits, out.text_embeds,
                                       out.image_embeds, out.cross_embeds) if x is not None).backward()
-    mlm_tokens = 3 if kw else None
-    assert tu.flops_per_sample(config, T, heads=heads, mlm_tokens=mlm_tokens) == counter.get_total_flops() / B
+    assert tu.flops_per_sample(config, T, heads=heads, mlm_tokens=mlm_tokens, vision=vision) == \
+        counter.get_total_flops() / B
