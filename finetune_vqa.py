@@ -27,13 +27,14 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as torch_dist
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
 from data import COLORS, SHAPES, Tokenizer, eval_transform, make_scene, train_transform
-from model import BridgeTower, BridgeTowerConfig
+from model import BridgeTower, BridgeTowerConfig, CheckpointError
 
 # -----------------------------------------------------------------------------
 # default config: the CPU demo (config/finetune_vqa_base.py has the paper's recipe)
@@ -42,8 +43,8 @@ out_dir = "out/vqa"          # run directory
 log_interval = 20            # steps between printed lines (every step goes to metrics.jsonl)
 eval_interval = 0            # steps between evaluations on eval_split (0: only at the end)
 ckpt_interval = 100          # steps between checkpoints (0: only at the end)
-resume = False               # continue from out_dir/ckpt.pt; with none there, start a new run (one command for
-                             # a job that may be pre-empted)
+resume = False               # continue from out_dir/ckpt.pt, with the run's settings where none are given; with
+                             # no checkpoint there, start a new run (one command for a job that may be pre-empted)
 # initialisation
 init_from = "auto"           # BridgeTower checkpoint (HF dir, original .ckpt, our dir); "auto": the pre-training
                              # demo's out/pretrain/final if it exists, else random weights of model_size
@@ -621,14 +622,52 @@ def resolve_init():
     return PRETRAIN_DEMO_MODEL if os.path.exists(os.path.join(PRETRAIN_DEMO_MODEL, "config.json")) else ""
 
 
-def build_model(init_path, vocab_size, num_answers):
-    if init_path:
-        # a new VQA head; the image position table is interpolated to image_size (288 -> 576 in the paper)
-        return BridgeTower.from_pretrained(init_path, image_size=image_size, heads=("vqa",),
-                                           num_vqa_answers=num_answers, **tu.dropout_config(dropout))
-    config = BridgeTowerConfig.preset(model_size, vocab_size=vocab_size, image_size=image_size, heads=("vqa",),
-                                      num_vqa_answers=num_answers, **tu.dropout_config(dropout or 0.0))
-    return BridgeTower(config)
+def build_model(init_path, vocab_size, answers):
+    if not init_path:
+        config = BridgeTowerConfig.preset(model_size, vocab_size=vocab_size, image_size=image_size, heads=("vqa",),
+                                          num_vqa_answers=len(answers), **tu.dropout_config(dropout or 0.0))
+        return BridgeTower(config)
+    # the image position table is interpolated to image_size (288 -> 576 in the paper)
+    kwargs = dict(image_size=image_size, heads=("vqa",), **tu.dropout_config(dropout))
+    head_answers_file = os.path.join(init_path, "answers.json")
+    if not os.path.isfile(head_answers_file):
+        # a pre-trained model gets a new head. An original fine-tuned .ckpt's head scores the original's
+        # vocabulary, which build_answer_vocab rebuilds from the same files in the same order.
+        try:
+            return BridgeTower.from_pretrained(init_path, num_vqa_answers=len(answers), **kwargs)
+        except CheckpointError as e:
+            if "vqa_classifier" not in str(e):
+                raise
+            raise CheckpointError(f"{e}\n{init_path} has a VQA head for another number of answers and no "
+                                  "answers.json to match them to this run's") from None
+    with open(head_answers_file) as f:
+        head_answers = json.load(f)
+    model = BridgeTower.from_pretrained(init_path, num_vqa_answers=len(head_answers), **kwargs)
+    if head_answers == answers:
+        print(f"VQA head: the checkpoint's, for the same {len(answers)} answers ({head_answers_file})")
+    else:
+        reindex_vqa_head(model, head_answers, answers, head_answers_file)
+    return model
+
+
+def reindex_vqa_head(model, head_answers, answers, source):
+    """Fine-tuning a fine-tuned model on another answer vocabulary (other data, another min_answer_count): each
+    answer the two share keeps its row of the last layer, the others get new rows as a new head's."""
+    last = model.vqa_classifier[-1]
+    new = nn.Linear(last.in_features, len(answers)).to(last.weight.device)
+    nn.init.normal_(new.weight, std=0.02)
+    nn.init.zeros_(new.bias)
+    row = {a: i for i, a in enumerate(head_answers)}
+    shared = [(j, row[a]) for j, a in enumerate(answers) if a in row]
+    if shared:
+        to, frm = map(list, zip(*shared))
+        with torch.no_grad():
+            new.weight[to], new.bias[to] = last.weight[frm], last.bias[frm]
+    model.vqa_classifier[-1] = new
+    model.config.num_vqa_answers = len(answers)
+    print(f"VQA head: another answer vocabulary than {source}: {len(shared)} of this run's {len(answers)} answers "
+          f"keep their rows, {len(answers) - len(shared)} new rows initialised, {len(head_answers) - len(shared)} of "
+          "the checkpoint's answers dropped")
 
 
 def make_optimizer(model, device):
@@ -748,7 +787,10 @@ def evaluate(model, eval_questions, eval_annotations, answers, tokenizer, dist, 
 
 
 def main():
-    config = tu.configure(globals())
+    given = set()
+    config = tu.configure(globals(), given=given)
+    if resume:
+        config = tu.take_run_settings(globals(), out_dir, given, "finetune_vqa")
     tu.check_settings(config, **tu.TRAINING_RULES, epochs=tu.POSITIVE, image_size=tu.POSITIVE,
                       synthetic_images=tu.POSITIVE, min_answer_count=tu.POSITIVE, eval_holdout=tu.NOT_NEGATIVE,
                       crop_scale=(lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "(min, max), 0 < min <= max <= 1"),
@@ -794,7 +836,7 @@ def main():
     else:
         if resume and dist.is_master:
             print(f"resume: no checkpoint in {out_dir}, starting from scratch")
-        model = build_model(init_path, tokenizer.vocab_size, len(answers))
+        model = build_model(init_path, tokenizer.vocab_size, answers)
         weights_from = init_path or "random weights"
     tu.check_tokenizer_fits(tokenizer, tok_dir, model.config)
     model.to(dist.device)

@@ -42,8 +42,8 @@ eval_interval = 100          # steps between validation passes (and one at the e
 eval_batches = 8             # held-out micro-batches per validation pass and rank
 retrieval_size = 16          # held-out images x captions, all pairs scored by ITM, for recall@1
 ckpt_interval = 100          # steps between checkpoints (0: only at the end)
-resume = False               # continue from out_dir/ckpt.pt; with none there, start a new run (one command for
-                             # a job that may be pre-empted)
+resume = False               # continue from out_dir/ckpt.pt, with the run's settings where none are given; with
+                             # no checkpoint there, start a new run (one command for a job that may be pre-empted)
 # initialisation: a BridgeTower checkpoint, or RoBERTa + CLIP, or random (neither)
 init_from = ""               # BridgeTower checkpoint (HF dir, original .ckpt, our own dir) -> from_pretrained
 text_init = ""               # RoBERTa HF dir (roberta-base) -> from_unimodal
@@ -221,7 +221,10 @@ def make_optimizer(model, device):
 
 
 def main():
-    config = tu.configure(globals())
+    given = set()
+    config = tu.configure(globals(), given=given)
+    if resume:
+        config = tu.take_run_settings(globals(), out_dir, given, "pretrain")
     tu.check_settings(config, **tu.TRAINING_RULES, eval_batches=tu.POSITIVE, retrieval_size=tu.POSITIVE,
                       image_size=tu.POSITIVE, mlm_prob=(lambda v: 0 < v <= 1, "in (0, 1]"),
                       itm_neg_prob=tu.FRACTION, bench_steps=tu.POSITIVE)

@@ -82,7 +82,7 @@ def _parse_value(raw, default):
     return raw if type(default) is str and not isinstance(value, str) else value
 
 
-def configure(globals_dict, argv=None):
+def configure(globals_dict, argv=None, given=None):
     """Override a script's configuration globals in place and return them as a dict.
 
     Each argument is a config file (a Python file of assignments, e.g. config/pretrain_base.py) or
@@ -91,6 +91,7 @@ def configure(globals_dict, argv=None):
     arguments, or a config file that would undo an earlier --key is an error naming it. Consecutive arguments
     catch an unquoted shell pattern: --data=wds:cc3m/{00000..00331}.tar reaches us as one --data argument per
     shard, of which only the last would be kept. --help prints the script's docstring and every setting.
+    given: a set, to which the keys the arguments set are added (see take_run_settings).
     """
     argv = sys.argv[1:] if argv is None else argv
     keys = _config_keys(globals_dict)
@@ -133,6 +134,8 @@ def configure(globals_dict, argv=None):
             if key not in keys:
                 raise ValueError(f"unknown config key {key!r} (from {source})")
             globals_dict[key] = _coerce(key, value, globals_dict[key])
+            if given is not None:
+                given.add(key)
             if verbose:
                 print(f"config: {key} = {globals_dict[key]!r} ({source})")
     return {k: globals_dict[k] for k in keys}
@@ -374,6 +377,25 @@ def check_out_dir(run_dir, resume):
     if resume and has_final and not has_ckpt:
         raise FileExistsError(f"{run_dir} holds a finished run's final/ but no {CKPT_NAME} to resume from: choose "
                               "another --out_dir to start a new run")
+
+
+def take_run_settings(globals_dict, run_dir, given, kind):
+    """--resume: each setting that the command line (config files included) did not give takes the checkpointed
+    run's value, so that `--resume --out_dir=...` alone continues the run as it was, on the same data; a setting
+    given anew is compared with the run's by resume_message. Returns the script's settings, as configure does.
+    Without a readable checkpoint of this kind, nothing is taken (load_latest_checkpoint reports a damaged one)."""
+    keys = _config_keys(globals_dict)
+    try:
+        saved = torch.load(os.path.join(run_dir, CKPT_NAME), map_location="cpu", weights_only=False, mmap=True)
+        saved = saved["config"] if saved.get("kind", kind) == kind else {}
+    except Exception:
+        saved = {}
+    taken = {k: saved[k] for k in keys if k in saved and k not in given and k not in ("resume", "out_dir")
+             and saved[k] != globals_dict[k]}
+    globals_dict.update(taken)
+    if taken and os.environ.get("RANK", "0") == "0":
+        print("resume: not given, so as in the checkpointed run: " + ", ".join(f"{k}={v!r}" for k, v in taken.items()))
+    return {k: globals_dict[k] for k in keys}
 
 
 def load_latest_checkpoint(run_dir, kind=None, map_location="cpu", dist=None):

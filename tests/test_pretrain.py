@@ -221,8 +221,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     killed_at = kill_after_first_checkpoint([sys.executable, SCRIPT, *RESUME_ARGS, f"--out_dir={cut}"], cut, ROOT)
     assert killed_at < 8
 
-    stdout = _run(RESUME_ARGS + [f"--out_dir={cut}", "--resume"])
+    # the settings not given again are the run's: --out_dir and --resume are enough
+    stdout = _run([f"--out_dir={cut}", "--resume"])
     assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
+    taken = next(line for line in stdout.splitlines() if line.startswith("resume: not given, so as in the checkp"))
+    assert "max_steps=8" in taken and "batch_size=16" in taken and "dropout=0.1" in taken
     assert _train_lines(cut) == _train_lines(full)
     assert_same_final_weights(full, cut)
     # each step and evaluation logged once: the killed run's lines after its checkpoint are dropped, a marker shows

@@ -163,6 +163,24 @@ def test_checkpoint_atomic(tmp_path, monkeypatch):
     assert tu.load_latest_checkpoint(tmp_path)["step"] == 3 and not (tmp_path / "ckpt.pt.tmp").exists()
 
 
+def test_resume_takes_the_settings_not_given(tmp_path, capsys):
+    # what the command line does not give is the checkpointed run's (a forgotten --data would otherwise train on
+    # the default data); what it gives is kept, to be compared by resume_message; another script's run gives none
+    settings = {"lr": 1e-5, "data": "synthetic", "batch_size": 8, "out_dir": "out/x", "resume": False}
+    saved = dict(settings, lr=3e-5, data="coco:c.json@coco", batch_size=16, out_dir="elsewhere", resume=False)
+    tu.save_checkpoint(tmp_path, {"kind": "pretrain", "config": saved, "w": torch.ones(2)})
+    g = dict(settings, resume=True)
+    given = set()
+    tu.configure(g, ["--lr=2e-5", "--resume"], given=given)
+    assert given == {"lr", "resume"}
+    config = tu.take_run_settings(g, str(tmp_path), given, "pretrain")
+    assert config == dict(settings, lr=2e-5, data="coco:c.json@coco", batch_size=16, resume=True) and g == config
+    assert "as in the checkpointed run: data='coco:c.json@coco', batch_size=16" in capsys.readouterr().out
+    g = dict(settings, resume=True)
+    assert tu.take_run_settings(g, str(tmp_path), set(), "finetune_vqa") == g == dict(settings, resume=True)
+    assert tu.take_run_settings(g, str(tmp_path / "none"), set(), "pretrain") == g
+
+
 def test_resume_message_names_changed_settings():
     saved = {"lr": 1e-5, "max_steps": 100, "resume": False, "out_dir": "out/x", "batch_size": 8}
     assert tu.resume_message("out/x", 40, saved, dict(saved, resume=True)) == "resumed from out/x/ckpt.pt at step 40"

@@ -571,7 +571,7 @@ def test_dropout_setting_replaces_the_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(fv, "image_size", 32)
 
     def dropouts(init_path):
-        model = fv.build_model(init_path, 300, 5)
+        model = fv.build_model(init_path, 300, list("abcde"))
         layer = model.cross_modal_text_layers[0]
         return (model.config.hidden_dropout, model.config.attention_dropout, layer.output.dropout,
                 layer.crossattention.self.dropout)
@@ -580,3 +580,31 @@ def test_dropout_setting_replaces_the_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(fv, "dropout", 0.25)
     assert dropouts(str(tmp_path)) == (0.25, 0.25, 0.25, 0.25)
     assert dropouts("") == (0.25, 0.25, 0.25, 0.25)
+
+
+def test_finetuned_head_follows_the_answer_vocabulary(tmp_path, monkeypatch, capsys):
+    # fine-tuning a fine-tuned model: the head's rows follow the answers by name (answers.json next to it), not
+    # by position; with no answers.json, a head of another size is an error that says why
+    from model import BridgeTower, BridgeTowerConfig, CheckpointError
+    torch.manual_seed(0)
+    config = BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, heads=("vqa",), num_vqa_answers=4)
+    old = BridgeTower(config).eval()
+    old.save_pretrained(str(tmp_path / "ft"))
+    monkeypatch.setattr(fv, "image_size", 32)
+    monkeypatch.setattr(fv, "dropout", None)
+    ids, pixels = torch.randint(5, 300, (2, 7)), torch.randn(2, 3, 32, 32)
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(ids, pixel_values=pixels).vqa_logits
+    json.dump(["a", "b", "c", "d"], open(tmp_path / "ft" / "answers.json", "w"))
+    same = fv.build_model(str(tmp_path / "ft"), 300, ["a", "b", "c", "d"])
+    assert torch.equal(logits(same), logits(old))
+    assert "the checkpoint's, for the same 4 answers" in capsys.readouterr().out
+    other = fv.build_model(str(tmp_path / "ft"), 300, ["c", "x", "a"])
+    assert other.config.num_vqa_answers == 3
+    torch.testing.assert_close(logits(other)[:, [0, 2]], logits(old)[:, [2, 0]], rtol=0, atol=1e-6)
+    assert "2 of this run's 3 answers keep their rows, 1 new rows initialised, 2 of" in capsys.readouterr().out
+    os.remove(tmp_path / "ft" / "answers.json")
+    with pytest.raises(CheckpointError, match="vqa_classifier.*\n.*no answers.json"):
+        fv.build_model(str(tmp_path / "ft"), 300, ["a", "b", "c"])
