@@ -260,12 +260,17 @@ def load_tokenizer(tokenizer_dir, out_dir, **init_paths):
     for key, path in init_paths.items():
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"{key}={path!r}: no such file or directory")
+    found = tokenizer_dir_in(*init_paths.values())
     if tokenizer_dir:
         if not tokenizer_dir_in(tokenizer_dir):
             raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in "
                                     f"tokenizer_dir={tokenizer_dir!r}")
-        return Tokenizer.from_dir(tokenizer_dir), tokenizer_dir
-    found = tokenizer_dir_in(*init_paths.values())
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)
+        if found and Tokenizer.from_dir(found).backend.get_vocab() != tokenizer.backend.get_vocab():
+            # allowed (a vocabulary that extends the model's), but token ids that mean other words train silently
+            print(f"warning: tokenizer_dir={tokenizer_dir!r} has another vocabulary than the tokenizer of the model "
+                  f"it starts from ({found}): its token ids name other words there", file=sys.stderr)
+        return tokenizer, tokenizer_dir
     if found:
         return Tokenizer.from_dir(found), found
     given = " or ".join(f"{key}={path!r}" for key, path in init_paths.items() if path)
@@ -281,6 +286,10 @@ def check_tokenizer_fits(tokenizer, tokenizer_dir, config):
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} token ids, more than the "
                          f"model's {config.vocab_size} word embeddings: a tokenizer from another model?")
+    if tokenizer.pad_id != config.pad_token_id:
+        # RoBERTa's position ids count from the pad id, and its embedding row gets no gradient
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has <pad> = {tokenizer.pad_id}, the model's pad_token_id "
+                         f"is {config.pad_token_id}: a tokenizer from another model?")
 
 
 def copy_tokenizer(src_dir, dst_dir):

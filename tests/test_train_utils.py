@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -214,7 +215,7 @@ def test_new_runs_keep_earlier_ones(tmp_path):
         tu.load_latest_checkpoint(tmp_path, "pretrain")
 
 
-def test_load_tokenizer_never_pairs_a_checkpoint_with_the_demo_tokenizer(tmp_path):
+def test_load_tokenizer_never_pairs_a_checkpoint_with_the_demo_tokenizer(tmp_path, capsys):
     from model import BridgeTowerConfig
     out = str(tmp_path / "run")
     tokenizer, where = tu.load_tokenizer("", out, init_from="", text_init="")  # from scratch: the demo tokenizer
@@ -233,6 +234,20 @@ def test_load_tokenizer_never_pairs_a_checkpoint_with_the_demo_tokenizer(tmp_pat
     tu.check_tokenizer_fits(tokenizer, where, BridgeTowerConfig.preset("tiny", vocab_size=tokenizer.vocab_size))
     with pytest.raises(ValueError, match=f"{tokenizer.vocab_size} token ids, more than the model's 100"):
         tu.check_tokenizer_fits(tokenizer, where, BridgeTowerConfig.preset("tiny", vocab_size=100))
+    with pytest.raises(ValueError, match="has <pad> = 1, the model's pad_token_id is 0"):
+        tu.check_tokenizer_fits(tokenizer, where, BridgeTowerConfig.preset("tiny", vocab_size=tokenizer.vocab_size,
+                                                                           pad_token_id=0))
+    # --tokenizer_dir with other ids than the starting model's tokenizer: allowed, with a warning
+    capsys.readouterr()
+    assert tu.load_tokenizer(where, out, init_from=where)[1] == where and "warning" not in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(where, other)
+    vocab = json.load(open(other / "vocab.json"))
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    json.dump(vocab, open(other / "vocab.json", "w"))
+    assert tu.load_tokenizer(str(other), out, init_from=where)[1] == str(other)
+    assert f"has another vocabulary than the tokenizer of the model it starts from ({where})" in capsys.readouterr().err
 
 
 def test_rng_state_roundtrip():
