@@ -503,8 +503,9 @@ def scene_caption(objects, rng):
 
 
 # -----------------------------------------------------------------------------
-# 4. Sources. A map-style source has __len__ and load(i) -> (PIL image, caption, image key);
-#    tar shards are read as per-worker streams (ShardSource).
+# 4. Sources. A map-style source has __len__ and load(i) -> (PIL image, caption, image key), and a name;
+#    PairSource also has image_path(i), for naming a sample it could not load. Tar shards are read as per-worker
+#    streams (ShardSource).
 
 SYNTHETIC_SIZES = {"train": 1_000_000, "val": 5_000, "test": 5_000}
 
@@ -527,12 +528,22 @@ class SyntheticSource:
         return img, scene_caption(objects, rng), f"synthetic/{self.split}/{i}"
 
 
+PROBED_IMAGES = 100  # image files looked for at start-up, per COCO / VG source: 100 stat calls, even on NFS
+
+
+def _spread(n, k):
+    """min(n, k) indices spread evenly over range(n), the first and the last included."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64)).tolist()
+
+
 class PairSource:
     """(image path, caption) pairs held in numpy arrays, not a list of Python strings: with millions of VG
-    regions, per-object refcounts would copy the whole list into every forked loader worker."""
+    regions, per-object refcounts would copy the whole list into every forked loader worker.
 
-    def __init__(self, name, root, image_files, image_index, captions):
-        self.name, self.root = name, root
+    hint: appended to the start-up messages about missing images (where the images are looked for)."""
+
+    def __init__(self, name, root, image_files, image_index, captions, hint=""):
+        self.name, self.root, self.hint = name, root, hint
         self.image_files = np.array(image_files)  # unique relative paths (numpy unicode array)
         self.image_index = np.asarray(image_index, dtype=np.int64)
         encoded = [c.encode("utf-8") for c in captions]
@@ -543,15 +554,26 @@ class PairSource:
         self._check_root()
 
     def _check_root(self):
-        # A wrong image root would otherwise show up as every sample being skipped, mid-run.
+        # A wrong image root would otherwise show up as every sample being skipped, mid-run, and a half-right one
+        # (VG's root set to VG_100K: every VG_100K_2 image missing) as a growing skipped count. The probe spreads
+        # over the whole list because the missing files can be any part of it, e.g. all after the first few.
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"{self.name}: image root not found: {self.root}")
-        probe = [os.path.join(self.root, str(f)) for f in self.image_files[:20]]
-        if not any(os.path.isfile(p) for p in probe):
-            raise FileNotFoundError(f"{self.name}: none of the first {len(probe)} images exist, e.g. {probe[0]}")
+        probe = [os.path.join(self.root, str(self.image_files[i]))
+                 for i in _spread(len(self.image_files), PROBED_IMAGES)]
+        missing = [p for p in probe if not os.path.isfile(p)]
+        if len(missing) == len(probe):
+            raise FileNotFoundError(f"{self.name}: none of {len(probe)} images probed across the list exist, "
+                                    f"e.g. {missing[0]}{self.hint}")
+        if missing:
+            print(f"data: {self.name}: {len(missing)} of {len(probe)} images probed across the list are missing, "
+                  f"e.g. {missing[0]}; their samples will be skipped{self.hint}", file=sys.stderr)
 
     def __len__(self):
         return len(self.image_index)
+
+    def image_path(self, i):
+        return os.path.join(self.root, str(self.image_files[self.image_index[i]]))
 
     def load(self, i):
         rel = str(self.image_files[self.image_index[i]])
@@ -605,7 +627,8 @@ def coco_source(json_path, root, split):
             raise _malformed(json_path, f"images[{i}]", img, e) from None
         index += [len(files) - 1] * len(new_captions)
         captions += new_captions
-    return PairSource(f"coco:{json_path}[{split}]", root, files, index, captions)
+    return PairSource(f"coco:{json_path}[{split}]", root, files, index, captions,
+                      hint=f" (image paths are {root}/<filepath>/<filename> of the json, e.g. train2014/...)")
 
 
 VG_FOLDERS = ("VG_100K", "VG_100K_2")  # where the two image zips of the Visual Genome download unpack
@@ -638,7 +661,14 @@ def vg_source(json_path, root, split):
         files.append(f"{folder_of[name]}/{name}" if name in folder_of else name)
         index += [len(files) - 1] * len(new_captions)
         captions += new_captions
-    return PairSource(f"vg:{json_path}", root, files, index, captions)
+    return PairSource(f"vg:{json_path}", root, files, index, captions, hint=_vg_hint(root))
+
+
+def _vg_hint(root):
+    both = f"{VG_FOLDERS[0]}/ and {VG_FOLDERS[1]}/"
+    if os.path.basename(os.path.normpath(root)) in VG_FOLDERS:  # an easy slip that loses the other folder's third
+        return f" ({root} is one of VG's two image folders: give its parent, the folder that holds {both})"
+    return f" (VG images are looked for in {both} under {root}, else in {root} itself)"
 
 
 def expand_shards(pattern):
@@ -807,6 +837,7 @@ def validation_spec(spec):
 
 SHUFFLE_BUFFER = 2000  # tar samples (header references, not bytes) shuffled per worker
 MAX_OPEN_SHARDS = 8
+SKIPS_NAMED = 20  # unusable samples named on stderr per stream (rank x loader worker); see _report_skip
 
 
 def _seed_of(*parts):
@@ -908,6 +939,7 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         self.mlm_prob, self.itm_neg_prob = mlm_prob, itm_neg_prob
         self.rank, self.world_size, self.seed, self.start_batch = rank, world_size, seed, start_batch
         self._last_error = None
+        self._skips_named = 0
         special = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
         special[tokenizer.special_ids] = True
         self.is_special = special
@@ -985,9 +1017,30 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         try:
             return self._load(ref, open_files)
         except Exception as e:  # corrupt/missing image: any decoder error must not stop a run
-            name = f"{ref[1]}/{ref[2]}" if ref[0] == "tar" else f"{self.map_sources[ref[1]].name} sample {ref[2]}"
-            self._last_error = f"{name}: {type(e).__name__}: {e}"
+            self._last_error = f"{self._sample_name(ref)}: {type(e).__name__}: {e}"
+            self._report_skip()
             return None
+
+    def _sample_name(self, ref):
+        if ref[0] == "tar":
+            return f"{ref[1]}/{ref[2]}"
+        source = self.map_sources[ref[1]]
+        path = getattr(source, "image_path", None)  # the synthetic scenes have no file
+        return f"{source.name} sample {ref[2]}" + (f" ({path(ref[2])})" if path else "")
+
+    def _report_skip(self):
+        # Named so the user can find the file, but only the first SKIPS_NAMED per stream: enough to see a pattern
+        # (every missing file in one folder) and a few corrupt files, while a source broken throughout prints
+        # SKIPS_NAMED lines per rank and worker instead of one per sample of a million-sample epoch. A budget
+        # shared by all streams would need a counter across processes; the skipped count covers the rest.
+        self._skips_named += 1
+        if self._skips_named <= SKIPS_NAMED:
+            print(f"data: skipped {self._last_error}", file=sys.stderr, flush=True)
+        if self._skips_named == SKIPS_NAMED:
+            info = torch.utils.data.get_worker_info()
+            stream = f"rank {self.rank}" + (f" loader worker {info.id}" if info else "")
+            print(f"data: {stream} has named {SKIPS_NAMED} unusable samples; its further ones are only counted "
+                  "(the log's skipped)", file=sys.stderr, flush=True)
 
     def _make_batch(self, refs, batch_index, streams, chooser, counters, open_files):
         samples = [self._try_load(ref, open_files) for ref in refs]

@@ -463,6 +463,9 @@ def test_wds_bad_data_is_skipped_and_counted(tok, tmp_path, capsys):
     assert sum(b["skipped"] for b in batches) >= 4 + 1  # 4 bad samples (+ 1 abandoned shard, each time it is read)
     err = capsys.readouterr().err
     assert "00002.tar abandoned" in err
+    for key, reason in (("bad_jpeg", "UnidentifiedImageError"), ("cut_jpeg", "OSError"),
+                        ("no_caption", "_BadSample: no caption"), ("no_text", "_BadSample: no caption")):
+        assert f"data: skipped {tmp_path}/00000.tar/{key}: {reason}" in err, err  # each bad sample named, and why
     for b in batches:
         assert torch.isfinite(b["pixel_values"]).all()
         caps = captions_of(tok, b)
@@ -588,6 +591,71 @@ def test_all_bad_data_is_a_clear_error_not_a_hang(tok, tmp_path):
     spec = write_coco(tmp_path, [("train", "d", f"{i}.jpg", [f"c{i}"], b"corrupt") for i in range(3)])
     with pytest.raises(RuntimeError, match="unusable; last error: .*sample .*: UnidentifiedImageError"):
         take(spec, tok, 1, batch_size=2)
+
+
+def test_unusable_samples_are_named_on_stderr(tok, tmp_path, capsys):
+    spec = write_coco(tmp_path, [("train", "d", "good.jpg", ["caption of good"], scene_jpeg(1)),
+                                 ("train", "d", "missing.jpg", ["caption of missing"], None),
+                                 ("train", "d", "corrupt.jpg", ["caption of corrupt"], b"\xff\xd8\xff garbage")])
+    capsys.readouterr()
+    assert take(spec, tok, 1, batch_size=3)[0]["skipped"] == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data: skipped")]
+    root = tmp_path / "coco" / "d"
+    assert len(lines) == 2
+    assert any(f"({root / 'missing.jpg'}): FileNotFoundError" in line for line in lines), lines
+    assert any(f"({root / 'corrupt.jpg'}): UnidentifiedImageError" in line for line in lines), lines
+    assert all(line.startswith(f"data: skipped coco:{tmp_path / 'dataset_coco.json'}[train] sample ") for line in lines)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_warnings_stop_after_a_few_per_worker(tok, tmp_path, capfd, num_workers):
+    # capfd, not capsys: forked loader workers write to the inherited file descriptor, not to pytest's sys.stderr.
+    # No monkeypatched limit: workers started by spawn or forkserver would import data afresh.
+    cap = data.SKIPS_NAMED
+    bad = 3 * cap  # each of the 2 workers meets about half of them per epoch
+    spec = write_coco(tmp_path, [("train", "d", f"{i}.jpg", [f"caption {i}"], scene_jpeg(i) if i < 3 else b"junk")
+                                 for i in range(bad + 3)])
+    capfd.readouterr()
+    batches = take(spec, tok, (bad + 3) // 2, batch_size=4, num_workers=num_workers)  # 2 epochs
+    err = capfd.readouterr().err.splitlines()
+    named = [line for line in err if line.startswith("data: skipped")]
+    assert len(named) == cap * max(1, num_workers), err
+    assert all("UnidentifiedImageError" in line for line in named)
+    capped = [line for line in err if "further ones are only counted" in line]
+    streams = [f"rank 0 loader worker {w}" for w in range(num_workers)] or ["rank 0"]
+    assert sorted(capped) == [f"data: {stream} has named {cap} unusable samples; its further ones are only counted "
+                              "(the log's skipped)" for stream in streams]
+    assert sum(b["skipped"] for b in batches) >= 2 * bad  # every one still counted
+
+
+def test_image_probe_spreads_over_the_list(tmp_path, capsys):
+    # the first images all exist, the later ones do not: a probe of the first 20 alone would pass in silence
+    write_coco(tmp_path, [("train", "d", f"{i}.jpg", ["a caption"], b"" if i < 700 else None) for i in range(1000)])
+    json_path, root = str(tmp_path / "dataset_coco.json"), str(tmp_path / "coco")
+    capsys.readouterr()
+    assert len(data.coco_source(json_path, root, "train")) == 1000
+    err = capsys.readouterr().err
+    assert f"30 of 100 images probed across the list are missing, e.g. {tmp_path}/coco/d/706.jpg" in err, err
+    assert "their samples will be skipped" in err
+    for i in range(700):
+        os.remove(tmp_path / "coco" / "d" / f"{i}.jpg")
+    with pytest.raises(FileNotFoundError, match="none of 100 images probed across the list exist"):
+        data.coco_source(json_path, root, "train")
+    # VG's root set to one of its two image folders: the other folder's images are missing, with a hint
+    vg = tmp_path / "vg"
+    (vg / "VG_100K").mkdir(parents=True)
+    (vg / "VG_100K_2").mkdir()
+    regions = []
+    for image_id in range(1, 41):
+        (vg / ("VG_100K" if image_id <= 30 else "VG_100K_2") / f"{image_id}.jpg").write_bytes(b"")
+        regions.append({"id": image_id, "regions": [{"image_id": image_id, "phrase": f"region of {image_id}"}]})
+    (tmp_path / "regions.json").write_text(json.dumps(regions))
+    assert len(data.vg_source(str(tmp_path / "regions.json"), str(vg), "train")) == 40
+    assert capsys.readouterr().err == ""  # the parent folder: every image found
+    data.vg_source(str(tmp_path / "regions.json"), str(vg / "VG_100K"), "train")
+    err = capsys.readouterr().err
+    assert f"10 of 40 images probed across the list are missing, e.g. {vg}/VG_100K/31.jpg" in err, err
+    assert "is one of VG's two image folders: give its parent, the folder that holds VG_100K/ and VG_100K_2/" in err
 
 
 def test_vg_regions_and_mixing(tok, tmp_path):
