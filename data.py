@@ -822,6 +822,12 @@ def validation_spec(spec):
     return ",".join(p for p in _split_spec(spec or "synthetic") if p.partition(":")[0] not in ("wds", "vg"))
 
 
+def spec_shards(spec):
+    """The tar files a source spec's wds: parts name, as real paths (to compare two specs)."""
+    return {os.path.realpath(path) for part in _split_spec(spec or "") if part.startswith("wds:")
+            for path in expand_shards(part[len("wds:"):])}
+
+
 # -----------------------------------------------------------------------------
 # 5. The pre-training loader.
 #

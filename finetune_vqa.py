@@ -738,8 +738,11 @@ def majority_answer(annotations):
 def predict_top(model, tokenizer, answers, image_file, text, k=5):
     """[(answer, probability)] of the k best answers for one image and question."""
     model.eval()
-    with Image.open(image_file) as img:
-        pixels = eval_transform(model.config.image_size)(img)[None]
+    try:
+        with Image.open(image_file) as img:
+            pixels = eval_transform(model.config.image_size)(img)[None]
+    except (OSError, ValueError) as e:  # missing, not an image, cut short
+        raise ValueError(f"--image={image_file!r} cannot be read: {type(e).__name__}: {e}") from None
     enc = tokenizer([text], max_length=max_text_len, padding="longest")
     logits = model(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels,
                    heads=("vqa",)).vqa_logits[0]
@@ -749,6 +752,9 @@ def predict_top(model, tokenizer, answers, image_file, text, k=5):
 
 def load_finetuned(path):
     """(model, tokenizer, answers) from a saved fine-tuned model dir."""
+    final = os.path.join(path, "final")
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(final, "config.json")):
+        raise FileNotFoundError(f"{path} is a run's out_dir: its fine-tuned model is --checkpoint={final}")
     if not os.path.isfile(os.path.join(path, "answers.json")):
         raise FileNotFoundError(f"no answers.json in {path}: --checkpoint must be a fine-tuned model directory, "
                                 "the final/ that finetune_vqa.py writes in its out_dir")

@@ -908,6 +908,12 @@ def read_hf_checkpoint(directory):
     hf = read_json(directory)
     if hf is None:
         raise FileNotFoundError(f"{directory}: no config.json")
+    model_type = hf.get("model_type", "bridgetower")
+    if model_type != "bridgetower":
+        use = {"roberta": "from_unimodal's text_path (pretrain.py --text_init)",
+               "clip": "from_unimodal's vision_path (pretrain.py --vision_init)"}.get(model_type.split("_")[0])
+        raise CheckpointError(f"{directory}: config.json describes a {model_type!r} model, not a BridgeTower"
+                              + (f": an encoder to start pre-training from, with {use}" if use else ""))
     state = {k.removeprefix("bridgetower."): v for k, v in raw.items()}
     state, notes = drop_ignored(state, IGNORED_HF)
     word = state.get("text_model.embeddings.word_embeddings.weight")

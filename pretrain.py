@@ -30,7 +30,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
-from data import ImageProcessor, build_pretrain_loader, parse_sources, validation_spec
+from data import ImageProcessor, build_pretrain_loader, parse_sources, spec_shards, validation_spec
 from model import BridgeTower, BridgeTowerConfig, ResidualAttentionBlock, TextLayer
 
 # -----------------------------------------------------------------------------
@@ -149,6 +149,10 @@ def eval_spec():
     if not spec:
         raise ValueError(f"no validation data: data={data!r} holds out none (tar shards and VG have no val split); "
                          "give held-out sources with --val_data=wds:<held-out shards> (or coco:...)")
+    trained_on = spec_shards(val_data) & spec_shards(data)
+    if trained_on:
+        raise ValueError(f"--val_data names {len(trained_on)} shards that --data trains on, e.g. {min(trained_on)}: "
+                         "validation would score samples the model has seen")
     return spec
 
 

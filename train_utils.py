@@ -106,6 +106,9 @@ def configure(globals_dict, argv=None, given=None):
     previous_key, from_command_line = None, set()
     for arg in argv:
         if not arg.startswith("--"):
+            if not (arg.endswith(".py") and os.path.isfile(arg)):
+                raise FileNotFoundError(f"config file {arg!r}: " + ("no such file" if arg.endswith(".py") else
+                                        "expected a Python file of settings (config/*.py) or --key=value"))
             ns = {}
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), ns)

@@ -480,6 +480,8 @@ def test_errors_name_the_file_and_keys(tmp_path):
     assert "mis-shaped: itm_score.fc.weight (file (2, 7), model (2, 256))" in msg
 
     roberta = saved(T.RobertaModel(roberta_config()), tmp_path, "roberta")
+    with pytest.raises(CheckpointError, match="describes a 'roberta' model, not a BridgeTower: .*--text_init"):
+        BridgeTower.from_pretrained(roberta)
     with pytest.raises(CheckpointError, match="num_hidden_layers=4 \\(model needs 6\\)"):
         BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, text_layers=6, vision_layers=6), text_path=roberta)
     state = load_file(os.path.join(roberta, "model.safetensors"))

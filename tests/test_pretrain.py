@@ -59,6 +59,9 @@ def test_validation_never_reads_training_shards(monkeypatch):
     assert pretrain.eval_spec() == "synthetic,coco:c.json@coco"
     monkeypatch.setattr(pretrain, "val_data", "wds:cc3m_val/{00000..00001}.tar")
     assert pretrain.eval_spec() == "wds:cc3m_val/{00000..00001}.tar"
+    monkeypatch.setattr(pretrain, "val_data", "wds:./cc3m/00331.tar,wds:cc3m_val/00000.tar")  # one trained on
+    with pytest.raises(ValueError, match="--val_data names 1 shards that --data trains on, e.g. .*cc3m/00331.tar"):
+        pretrain.eval_spec()
     out = subprocess.run([sys.executable, SCRIPT, "--data=wds:nowhere/{00000..00003}.tar", "--max_steps=1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no validation data" in out.stderr and "--val_data" in out.stderr

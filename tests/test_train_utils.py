@@ -40,9 +40,11 @@ def test_configure_file_then_command_line(tmp_path, capsys):
     (["--lr=abc"], "lr"),
     (["--heads=mlm"], "heads"),
     (["--batch_size"], "batch_size"),
+    (["config/nowhere.py"], "config file 'config/nowhere.py': no such file"),
+    (["bridgetower-base/config.json"], "'bridgetower-base/config.json': expected a Python file of settings"),
 ])
 def test_configure_rejects_bad_overrides(argv, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         tu.configure(_defaults(), argv)
 
 

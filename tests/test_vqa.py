@@ -295,6 +295,14 @@ def test_predict_needs_a_finetuned_directory(tiny_run, tmp_path):
         json.dump(answers[:-1], f)
     with pytest.raises(ValueError, match=f"lists {len(answers) - 1} answers, the VQA head scores {len(answers)}"):
         fv.load_finetuned(final)
+    # the run's out_dir for its final/: the message points there
+    with pytest.raises(FileNotFoundError, match="is a run's out_dir: its fine-tuned model is --checkpoint=.*/final"):
+        fv.load_finetuned(tiny_run["run"])
+    # an image that cannot be read is named
+    model, tokenizer, vocab = fv.load_finetuned(os.path.join(tiny_run["run"], "final"))
+    (tmp_path / "cut.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="--image='.*cut.jpg' cannot be read: UnidentifiedImageError"):
+        fv.predict_top(model, tokenizer, vocab, str(tmp_path / "cut.jpg"), "what?")
 
 
 def test_majority_answer():
