@@ -1131,12 +1131,12 @@ def itm_negatives(image_keys, captions, neg_prob, generator, sources=None):
 class PretrainLoader:
     """Infinite iterator over pre-training batches (the stream itself starts at the resume point)."""
 
-    def __init__(self, dataset, num_workers):
+    def __init__(self, dataset, num_workers, pin_memory=False):
         # batch_size=None: the workers already yield whole batches; pinned memory speeds the host-to-GPU copy.
         # A private generator: otherwise the DataLoader draws its worker seed from torch's global RNG when its
         # iterator starts, which shifts the training's dropout masks after a resume (our streams seed themselves).
         self.dataloader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+            dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
             prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator())
         self._it = None
 
@@ -1151,8 +1151,9 @@ class PretrainLoader:
 
 def build_pretrain_loader(sources="synthetic", tokenizer=None, *, split="train", image_size=288, batch_size=32,
                           max_text_len=50, mlm_prob=0.15, itm_neg_prob=0.5, rank=0, world_size=1, num_workers=0,
-                          seed=0, start_batch=0):
+                          seed=0, start_batch=0, pin_memory=False):
     """Infinite MLM + ITM batches (see the block comment above for how streams, ranks and resume work).
+    pin_memory: page-locked batches, for training on a GPU (not on a CPU: it would start CUDA for nothing).
 
     All paths are checked here, before training starts: a missing file or an empty source raises, naming it.
     """
@@ -1171,7 +1172,7 @@ def build_pretrain_loader(sources="synthetic", tokenizer=None, *, split="train",
     dataset = _PretrainStream(map_sources, shard_sources, tokenizer, image_size=image_size, batch_size=batch_size,
                               max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob, rank=rank,
                               world_size=world_size, seed=seed, start_batch=start_batch)
-    return PretrainLoader(dataset, num_workers)
+    return PretrainLoader(dataset, num_workers, pin_memory)
 
 
 # -----------------------------------------------------------------------------

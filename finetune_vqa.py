@@ -82,7 +82,7 @@ lr_mult_cross_modal = 1.0    # every cross_modal* parameter (the paper: 5; on th
 grad_clip = 0.0              # 0: no clipping (the original does not clip)
 # system
 device = "auto"              # auto: cuda when available, else cpu
-dtype = "auto"               # auto: bfloat16 autocast on CUDA, float32 on CPU
+dtype = "auto"               # auto: bfloat16 autocast on an Ampere or newer GPU, float32 elsewhere
 compile = False              # torch.compile the model
 cpu_threads = 1              # torch threads per process on CPU (0: torch's default). On 2 shared cores, 2 threads
                              # spin-wait for each other (pretrain.py measured 1.5-2.7 s/step against 0.5 s with 1)
@@ -519,12 +519,12 @@ def micro_batch_schedule(n_items, start_step, accum, dist):
         epoch, first = epoch + 1, 0
 
 
-def make_loader(dataset, batches, tokenizer):
+def make_loader(dataset, batches, tokenizer, device):
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which would
     # shift the dropout masks of a resumed run (samples are seeded by micro_batch_schedule, not by this).
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(tokenizer, max_text_len),
                                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -702,7 +702,7 @@ def predict_answers(model, questions, answers, tokenizer, dist, fallback, autoca
     mine = questions[dist.rank::dist.world_size]
     dataset = VQADataset(mine, eval_transform(image_size), len(answers))
     loader = make_loader(dataset, [[(i, "") for i in range(s, min(s + eval_batch_size, len(mine)))]
-                                   for s in range(0, len(mine), eval_batch_size)], tokenizer)
+                                   for s in range(0, len(mine), eval_batch_size)], tokenizer, dist.device)
     predictions, unreadable = {}, []
     for b in loader:
         with autocast:
@@ -867,13 +867,14 @@ def main():
     if compile:
         model = torch.compile(model)
     if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     autocast = tu.autocast(dist.device, dtype)
     loss_fn = lambda m, b: vqa_loss(m, b, dist.device, autocast)
 
     dataset = VQADataset(train_items, train_transform(image_size, scale=crop_scale, randaugment=randaugment),
                          len(answers))
-    loader = iter(make_loader(dataset, micro_batch_schedule(len(train_items), step, accum, dist), tokenizer))
+    loader = iter(make_loader(dataset, micro_batch_schedule(len(train_items), step, accum, dist), tokenizer,
+                              dist.device))
     if eval_split:
         eval_questions, eval_annotations = load_eval_set(root, image_dir, held_out)
         check_image_root(eval_questions)

@@ -75,7 +75,7 @@ lr_mult_heads = 5.0          # for mlm_score and itm_score
 grad_clip = 1.0              # 0: no clipping
 # system
 device = "auto"              # auto: cuda when available, else cpu
-dtype = "auto"               # auto: bfloat16 autocast on CUDA, float32 on CPU
+dtype = "auto"               # auto: bfloat16 autocast on an Ampere or newer GPU, float32 elsewhere
 compile = False              # torch.compile the model
 grad_checkpointing = False   # recompute text, vision and cross layers in the backward pass (less memory, ~1/3 more compute)
 cpu_threads = 1              # torch threads per process on CPU (0: torch's default, one per core). Measured on 2 shared
@@ -165,7 +165,8 @@ def evaluate(model, tokenizer, dist, autocast):
     spec = eval_spec()
     loader = build_pretrain_loader(spec, tokenizer, split="val", image_size=image_size, batch_size=micro_batch_size,
                                    max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
-                                   rank=dist.rank, world_size=dist.world_size, seed=seed)
+                                   rank=dist.rank, world_size=dist.world_size, seed=seed,
+                                   pin_memory=dist.device.type == "cuda")
     sums = 0
     for _ in range(eval_batches):
         _, metrics = pretrain_loss(model, next(loader), dist.device, autocast)
@@ -214,7 +215,7 @@ def wrap_for_training(model, dist):
     if compile:
         model = torch.compile(model)
     if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     return model
 
 
@@ -278,7 +279,7 @@ def main():
     loader = build_pretrain_loader(data, tokenizer, split="train", image_size=image_size, batch_size=micro_batch_size,
                                    max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
                                    rank=dist.rank, world_size=dist.world_size, num_workers=num_workers, seed=seed,
-                                   start_batch=data_position)
+                                   start_batch=data_position, pin_memory=dist.device.type == "cuda")
     logger = tu.MetricLogger(out_dir, dist.is_master, resume=metrics_resume)
     warmup_steps = int(warmup_ratio * max_steps)
     cfg = raw_model.config
@@ -378,6 +379,8 @@ def run_bench(dist):
     loss_fn = lambda m, b: pretrain_loss(m, b, dist.device, autocast)
     g = torch.Generator().manual_seed(seed + dist.rank)
     batches = [random_batch(micro_batch_size, cfg.vocab_size, g) for _ in range(accum)]
+    if dist.device.type == "cuda":  # as the training loader's: a copy from pageable memory would stall the step
+        batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
     flops = step_flops(cfg)
     peak = tu.peak_flops(dist.device)
     if dist.is_master:

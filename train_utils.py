@@ -211,6 +211,9 @@ def resolve_device(device, local_rank=0):
         device = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"--device={device!r}: {e}") from None
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError(f"--device={device}: under torchrun each process takes its own GPU, cuda:LOCAL_RANK; "
+                         "give --device=cuda (or restrict CUDA_VISIBLE_DEVICES)")
     return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
@@ -317,10 +320,12 @@ DTYPES = ("auto", "bfloat16", "float32")
 
 
 def use_bf16(device, dtype):
-    """dtype "auto": bf16 autocast on CUDA, fp32 elsewhere; "bfloat16" / "float32" force it."""
+    """dtype "auto": bf16 autocast on a GPU with bf16 tensor cores (Ampere, sm_80, and later), fp32 elsewhere (a
+    V100 or T4 would emulate bf16); "bfloat16" / "float32" force it."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r}: expected one of {', '.join(DTYPES)} (fp16 has no loss scaling here)")
-    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda" and
+                                   torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def autocast(device, dtype):
@@ -465,8 +470,9 @@ def resume_message(run_dir, step, saved, now, fixed=()):
 
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        # the current GPU's only (setup_distributed sets it): the one this rank's dropout draws on
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # the current GPU's only (setup_distributed sets it): the one this rank's dropout draws on. Not when CUDA
+        # is unused (--device=cpu on a GPU machine): asking would start it.
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -548,7 +554,7 @@ def format_eta(seconds):
 # dense bf16 tensor-core peaks in FLOP/s; the first name fragment found in the device name wins
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("H800 PCIe", 756e12), ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),  # V100: fp16
 ]

@@ -296,18 +296,25 @@ def test_peak_flops():
     assert tu.peak_flops("cpu") is None
     names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
              "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12,
-             "NVIDIA L4": 121e12, "NVIDIA A10G": 70e12, "NVIDIA GeForce GTX 1080": None}
+             "NVIDIA L4": 121e12, "NVIDIA H800": 989e12, "NVIDIA A10G": 70e12, "NVIDIA GeForce GTX 1080": None}
     assert {name: tu.peak_flops_of(name) for name in names} == names
 
 
-def test_device_and_dtype_flags():
+def test_device_and_dtype_flags(monkeypatch):
     assert tu.resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)  # torchrun: one GPU a process
     assert tu.resolve_device("cuda:1", local_rank=3) == torch.device("cuda", 1)
     assert tu.resolve_device("cpu", local_rank=3) == torch.device("cpu")
     assert tu.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="--device='gpu'"):
         tu.resolve_device("gpu")
+    with pytest.raises(ValueError, match="--device=cuda:1: under torchrun each process takes its own GPU"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        tu.resolve_device("cuda:1", local_rank=1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100 / H200
     assert tu.use_bf16(torch.device("cuda"), "auto") and not tu.use_bf16(torch.device("cpu"), "auto")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # V100: no bf16 cores
+    assert not tu.use_bf16(torch.device("cuda"), "auto") and tu.use_bf16(torch.device("cuda"), "bfloat16")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100
     assert tu.use_bf16(torch.device("cpu"), "bfloat16") and not tu.use_bf16(torch.device("cuda"), "float32")
     for wrong in ("bf16", "float16", "fp32"):  # not a silent fp32 run
         with pytest.raises(ValueError, match=f"--dtype='{wrong}'"):
