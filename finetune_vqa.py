@@ -809,6 +809,8 @@ def main():
         torch.set_num_threads(cpu_threads)
     t_start = time.time()
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
+    if dist.is_master:
+        tu.lock_out_dir(out_dir)
     tu.check_out_dir(out_dir, resume)
     root, image_dir = prepare_data(dist)
 

@@ -655,7 +655,12 @@ class BridgeTower(nn.Module):
         try:
             config = BridgeTowerConfig(**{**config_kwargs, **config_overrides})
         except ValueError as e:  # what the file's config.json or tensor shapes describe is not a valid model
-            raise CheckpointError(f"{source}: {e}") from None
+            try:
+                BridgeTowerConfig(**config_kwargs)
+            except ValueError:
+                raise CheckpointError(f"{source}: {e}") from None
+            overrides = ", ".join(f"{k}={v!r}" for k, v in config_overrides.items())
+            raise ValueError(f"{source} loaded with {overrides}: {e}") from None  # the file is fine, an override not
         model = cls(config)
         notes += model._load_checkpoint(state, source, found_heads)
         print(f"{source}: loaded" + "".join(f"\n  {note}" for note in notes))

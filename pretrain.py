@@ -244,6 +244,8 @@ def main():
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     parse_sources(eval_spec(), "val", image_size)  # a missing or empty validation source: an error before training
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    if dist.is_master:
+        tu.lock_out_dir(out_dir)
     tu.check_out_dir(out_dir, resume)
     tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_from,
                                            text_init="" if init_from else text_init)

@@ -382,6 +382,25 @@ def save_checkpoint(run_dir, state):
     return path
 
 
+_HELD_LOCKS = []  # open lock files: a lock lasts as long as its file stays open
+
+
+def lock_out_dir(run_dir):
+    """An exclusive lock on run_dir/run.lock for the rest of the process (rank 0 takes it): a second run in the
+    same out_dir, e.g. a resumed job while the old one still runs, stops at once rather than write the same
+    checkpoints and logs. The OS drops the lock when the process ends, however it ends."""
+    import fcntl
+    os.makedirs(run_dir, exist_ok=True)
+    f = open(os.path.join(run_dir, "run.lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RuntimeError(f"{run_dir} is in use: another process holds {run_dir}/run.lock (a run still going?); "
+                           "stop it first, or choose another --out_dir") from None
+    _HELD_LOCKS.append(f)
+
+
 def check_out_dir(run_dir, resume):
     """A run must not overwrite an earlier run's checkpoint or final model: without --resume, out_dir may hold
     neither; with it, a final model needs its checkpoint, else "resuming" would start over on top of it."""

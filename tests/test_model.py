@@ -520,6 +520,9 @@ def test_errors_name_the_file_and_keys(tmp_path):
     fresh = saved(T.BridgeTowerForImageAndTextRetrieval(hf_tiny_config()), tmp_path, "fresh")
     fresh_weights = os.path.join(fresh, "model.safetensors")
     assert BridgeTower.from_pretrained(fresh_weights).config.heads == ("itm",)  # a file of the directory: the directory
+    with pytest.raises(ValueError, match="model.safetensors loaded with image_size=100: .*image_size 100 not a multiple") as e:
+        BridgeTower.from_pretrained(fresh, image_size=100)  # the override is at fault, not the file
+    assert not isinstance(e.value, CheckpointError)
     open(fresh_weights, "r+b").truncate(1000)
     with pytest.raises(CheckpointError, match="model.safetensors: cannot be read as a weights file"):
         BridgeTower.from_pretrained(fresh)

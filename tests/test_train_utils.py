@@ -2,6 +2,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import train_utils as tu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -----------------------------------------------------------------------------
@@ -164,6 +168,18 @@ def test_checkpoint_atomic(tmp_path, monkeypatch):
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     tu.save_checkpoint(tmp_path, {"step": 3})
     assert tu.load_latest_checkpoint(tmp_path)["step"] == 3 and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_one_run_at_a_time_in_an_out_dir(tmp_path):
+    tu.lock_out_dir(str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match="run is in use: another process holds .*run.lock"):
+        tu.lock_out_dir(str(tmp_path / "run"))  # another open file of the lock: as another process would be
+    other = subprocess.run([sys.executable, "-c", "import train_utils as tu, sys; tu.lock_out_dir(sys.argv[1])",
+                            str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and "is in use" in other.stderr
+    tu._HELD_LOCKS.pop().close()  # the run ends: the next one may start
+    tu.lock_out_dir(str(tmp_path / "run"))
+    tu._HELD_LOCKS.pop().close()
 
 
 def test_resume_takes_the_settings_not_given(tmp_path, capsys):
