@@ -508,8 +508,8 @@ class BridgeTower(nn.Module):
         self-attention probabilities (see BridgeTowerOutput).
         return_image_inputs: also return out.image_inputs, what the vision tower gives the cross layers; an
         image_inputs= from an earlier call or from encode_image (its rows in any order) then replaces pixel_values,
-        and the tower does not run again. CLIP has no dropout, so values and gradients are those of running it again: pre-training's ITM
-        pass reuses the MLM pass's (a quarter of the step's FLOPs)."""
+        and the tower does not run again. CLIP has no dropout, so values and gradients are those of running it
+        again: pre-training's ITM pass reuses the MLM pass's (a quarter of the step's FLOPs)."""
         mlm_only = heads is not None and tuple(heads) == ("mlm",)
         heads = self.config.heads if heads is None else tuple(heads)
         if not set(heads) <= set(self.config.heads):
