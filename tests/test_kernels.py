@@ -270,19 +270,9 @@ def test_attention_argument_errors():
 # attention dropout
 
 def recover_dropout_mask(q, k, key_mask, p, seed):
-    """The kernel's keep mask, read off its output: with v = the identity on a chunk of D keys the
-    output is exactly the dropped, rescaled probabilities of those keys. torch.manual_seed(seed)
-    before each call replays the seed the kernel draws."""
-    b, h, lk, d = k.shape
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, lk, d):
-            v = torch.zeros_like(k)
-            width = min(d, lk - start)
-            v[:, :, start:start + width, :width] = torch.eye(width, device=k.device)
-            torch.manual_seed(seed)
-            chunks.append(bk.attention(q, k, v, key_mask, p)[..., :width])
-    return (torch.cat(chunks, dim=-1) != 0).float()
+    """The kernel's keep mask for `seed` (bridge_kernels reads it off the kernel's output, with v = the identity on
+    chunks of D keys), as a float 0/1 tensor."""
+    return bk.attention_dropout_mask(q, k, key_mask, p, seed).float()
 
 
 @needs_triton
@@ -300,13 +290,18 @@ def test_attention_dropout_rate_and_backward():
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
     # forward and backward with random v, same seed: the reference applies the recovered mask,
     # so the gradients check that the backward regenerates the forward's mask
-    torch.manual_seed(seed)
-    got = run_grads(lambda q, k, v: bk.attention(q, k, v, key_mask, p), [q, k, v], dout)
+    got = run_grads(lambda q, k, v: bk.attention(q, k, v, key_mask, p, seed), [q, k, v], dout)
     want = run_grads(lambda q, k, v: bk.attention_ref(q, k, v, key_mask, p, dropout_mask=keep), [q, k, v], dout)
     for x, y in zip(got, want):
         assert_fp32_close(x, y)
-    # a new call draws a new seed, hence a new mask
-    assert not torch.equal(bk.attention(q, k, v, key_mask, p), got[0])
+    # without a seed, a new call draws a new one from torch's generator, hence a new mask; torch.manual_seed
+    # replays it
+    with torch.no_grad():
+        torch.manual_seed(5)
+        first = bk.attention(q, k, v, key_mask, p)
+        second = bk.attention(q, k, v, key_mask, p)
+        torch.manual_seed(5)
+        assert torch.equal(bk.attention(q, k, v, key_mask, p), first) and not torch.equal(second, first)
 
 
 @needs_triton
@@ -320,6 +315,13 @@ def test_attention_dropout_rate_small_p():
 
 # -----------------------------------------------------------------------------
 # the dispatcher
+
+def fake_cuda_tensor(monkeypatch):
+    """What backend() reads of a tensor on an H100 (sm_90), on any machine."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(bk, "_CAPABILITY", {}, raising=False)
+    return types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+
 
 def test_backend_choice(monkeypatch):
     x = torch.zeros(1)
@@ -340,7 +342,7 @@ def test_backend_choice(monkeypatch):
         assert bk.backend(x, "torch") == "triton"
     # auto on a CUDA tensor: Triton, except while torch.compile traces; forcing Triton still works there
     monkeypatch.delenv("BRIDGETOWER_KERNELS")
-    cuda_tensor = types.SimpleNamespace(is_cuda=True)
+    cuda_tensor = fake_cuda_tensor(monkeypatch)
     assert bk.backend(cuda_tensor) == ("triton" if bk.HAS_TRITON else "torch")
     # fits=False: auto takes PyTorch, forcing still takes Triton
     assert bk.backend(cuda_tensor, fits=False) == "torch"
@@ -359,6 +361,89 @@ def test_backend_choice(monkeypatch):
     assert bk.backend(cuda_tensor) == "torch"
     if bk.HAS_TRITON:
         assert bk.backend(cuda_tensor, "triton") == "triton"
+
+
+@pytest.mark.skipif(not bk.HAS_TRITON, reason="triton is not installed")
+def test_auto_needs_ampere_or_newer(monkeypatch):
+    # the kernels' bf16 dots target sm_80+: auto leaves V100 (7.0) and T4 (7.5) to PyTorch, forcing still takes
+    # Triton; the capability is asked once a device, not at every call
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    capabilities = {0: (7, 0), 1: (7, 5), 2: (8, 0), 3: (9, 0), 4: (10, 0)}
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: asked.append(device.index) or capabilities[device.index])
+    monkeypatch.setattr(bk, "_CAPABILITY", {}, raising=False)
+    gpus = [types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", i)) for i in capabilities]
+    for _ in range(3):
+        assert [bk.backend(x) for x in gpus] == ["torch", "torch", "triton", "triton", "triton"]
+    assert sorted(asked) == list(capabilities)
+    assert bk.backend(gpus[0], "triton") == "triton"
+    # through the dispatcher's callers: bf16 attention and add + LayerNorm on a V100 take PyTorch's path
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # CPU tensors pose as CUDA ones
+    monkeypatch.setattr(bk, "_CAPABILITY", {None: (7, 0)})  # a CPU tensor's device has no index
+    monkeypatch.setattr(bk, "attention", lambda *args: "triton")
+    monkeypatch.setattr(bk, "add_layer_norm", lambda *args: "triton")
+    q = torch.randn(2, 3, 5, 64, dtype=torch.bfloat16)
+    assert isinstance(bk.bridge_attention(q, q, q), torch.Tensor)
+    h = torch.randn(2, 5, 768, dtype=torch.bfloat16)
+    assert isinstance(bk.bridge_add_layer_norm(h, h, torch.ones(768), torch.zeros(768), 1e-5), torch.Tensor)
+    monkeypatch.setattr(bk, "_CAPABILITY", {None: (8, 0)})
+    assert bk.bridge_attention(q, q, q) == "triton"
+    assert bk.bridge_add_layer_norm(h, h, torch.ones(768), torch.zeros(768), 1e-5) == "triton"
+
+
+@pytest.mark.skipif(not bk.HAS_TRITON, reason="triton is not installed")
+def test_auto_takes_triton_only_for_what_the_kernels_take(monkeypatch):
+    """On a CUDA GPU, auto sends the kernels only what they support, and PyTorch the rest: a float64 model
+    (model.double().cuda()), mixed q/k/v dtypes, heads over 128, add + LayerNorm rows too wide for registers.
+    Forcing triton still gets the kernels' own error."""
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    real_attention, real_add_layer_norm = bk.attention, bk.add_layer_norm
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # CPU tensors pose as CUDA ones
+    monkeypatch.setattr(bk, "_CAPABILITY", {None: (9, 0)}, raising=False)  # a CPU tensor's device has no index
+    monkeypatch.setattr(bk, "attention", lambda *args: "triton")
+    monkeypatch.setattr(bk, "add_layer_norm", lambda *args: "triton")
+
+    def attention_path(q_dtype, kv_dtype=None, d=64):
+        q = torch.randn(2, 3, 5, d, dtype=q_dtype)
+        k = torch.randn(2, 3, 7, d, dtype=kv_dtype or q_dtype)
+        try:
+            out = bk.bridge_attention(q, k, k.clone(), torch.ones(2, 7, dtype=torch.bool), 0.0)
+        except RuntimeError:  # SDPA refuses mixed dtypes itself, as the torch path does
+            return "torch raised"
+        return out if isinstance(out, str) else "torch"
+
+    assert attention_path(torch.bfloat16) == attention_path(torch.float16) == "triton"
+    assert attention_path(torch.float32) == "torch"  # the kernel takes fp32, but spills there
+    assert attention_path(torch.float64) == "torch"
+    assert attention_path(torch.bfloat16, torch.float32) == "torch raised"
+    assert attention_path(torch.bfloat16, d=256) == "torch"
+
+    def add_layer_norm_path(h_dtype, c_dtype, width):
+        h, c = torch.randn(2, width, dtype=h_dtype), torch.randn(2, width, dtype=c_dtype)
+        w_dtype = torch.promote_types(h_dtype, c_dtype)
+        out = bk.bridge_add_layer_norm(h, c, torch.ones(width, dtype=w_dtype), torch.zeros(width, dtype=w_dtype), 1e-5)
+        return out if isinstance(out, str) else "torch"
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    assert add_layer_norm_path(f32, f32, 768) == add_layer_norm_path(bf16, f32, 768) == "triton"
+    assert add_layer_norm_path(torch.float64, torch.float64, 768) == "torch"
+    assert add_layer_norm_path(f32, f32, 16384) == add_layer_norm_path(bf16, bf16, 32768) == "triton"
+    assert add_layer_norm_path(f32, f32, 16385) == add_layer_norm_path(bf16, bf16, 32769) == "torch"
+    assert add_layer_norm_path(bf16, f16, 32768) == "torch"  # the output, hence the row, is fp32
+    # forced: the kernels' clear errors, raised before any launch
+    monkeypatch.setattr(bk, "attention", real_attention)
+    monkeypatch.setattr(bk, "add_layer_norm", real_add_layer_norm)
+    q = torch.randn(2, 3, 5, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match="share one of fp32/bf16/fp16"):
+        bk.bridge_attention(q, q, q, requested="triton")
+    h = torch.randn(2, 16385)
+    with pytest.raises(ValueError, match="width 16385 too large"):
+        bk.bridge_add_layer_norm(h, h, torch.ones(16385), torch.zeros(16385), 1e-5, requested="triton")
+    h = torch.randn(2, 32768)
+    with pytest.raises(ValueError, match="width 32768 too large"):
+        bk.bridge_add_layer_norm(h.bfloat16(), h.half(), torch.ones(32768), torch.zeros(32768), 1e-5,
+                                 requested="triton")
 
 
 @needs_triton
@@ -446,20 +531,35 @@ def test_benchmark_code_runs(monkeypatch, capsys):
         return (time.perf_counter() - t0) * 1e3
 
     monkeypatch.setattr(bk, "_ms", ms)
+    tiny_dropout_shapes = ((5, 5, True), (7, 50, True), (5, 7, False))  # Lk = 50 > D: the mask in 4 chunks
     ln = bk.bench_add_layer_norm(2, torch.float32, widths=(48,), lengths=(3,), device="cpu")
     attn = bk.bench_attention(1, torch.float32, heads=2, head_dim=16, shapes=((5, 5), (7, 50)), device="cpu")
-    verdicts = bk.summarize(ln, attn)
+    drop = bk.check_attention_dropout(1, torch.float32, heads=2, head_dim=16, shapes=tiny_dropout_shapes,
+                                      device="cpu")
+    verdicts = bk.summarize(ln, attn, drop)
     out = capsys.readouterr().out
     assert [(r["rows"], r["width"], r["passes"]) for r in ln] == [(6, 48, "fwd"), (6, 48, "fwd+bwd")]
     assert [(r["lq"], r["lk"], r["masked"], r["passes"]) for r in attn] == [
         (5, 5, False, "fwd"), (5, 5, False, "fwd+bwd"), (7, 50, True, "fwd"), (7, 50, True, "fwd+bwd")]
+    assert [(r["lq"], r["lk"], r["masked"], r["dropout_p"]) for r in drop] == [
+        (lq, lk, masked, 0.1) for lq, lk, masked in tiny_dropout_shapes]
     assert all(r[k] > 0 for r in ln + attn for k in r if k.startswith("vs_"))
     assert set(verdicts) == {"add+LayerNorm vs eager", "add+LayerNorm vs torch.compile", "masked attention vs SDPA",
                              "unmasked attention vs SDPA", "values"}
     assert out.count("  met") + out.count("MISSED") == 4
     # the value check is real: within its bound here, and a wrong kernel fails it
-    assert verdicts["values"] and all(0 <= r["error"] <= 1 for r in ln + attn), [r["error"] for r in ln + attn]
+    checked = ln + attn + drop
+    assert verdicts["values"] and all(0 <= r["error"] <= 1 for r in checked), [r["error"] for r in checked]
     assert "WRONG" not in out and out.rstrip().endswith("ok")
+    assert not bk.summarize(ln, attn, drop + [dict(drop[0], error=1.5)])["values"]
+    assert "WRONG on 1 rows" in capsys.readouterr().out
+    # the dropout reference is the kernel's own mask: another seed's mask fails the check
+    q, k, v, do = bk._attention_inputs(1, 2, 16, 7, 50, torch.float32, "cpu")
+    key_mask = bk._text_key_mask(1, 50, "cpu")
+    other_mask = bk.attention_dropout_mask(q, k, key_mask, 0.1, seed=2)
+    assert bk._error_ratio(lambda q, k, v: bk.attention(q, k, v, key_mask, 0.1, seed=1),
+                           lambda q, k, v: bk.attention_ref(q, k, v, key_mask, 0.1, dropout_mask=other_mask),
+                           [q, k, v], do) > 1
     def layer_norm(h, c, w, b):
         return F.layer_norm(h + c, (48,), w, b)
     x = [torch.randn(6, 48), torch.randn(6, 48), torch.randn(48), torch.randn(48)]
@@ -475,9 +575,14 @@ def test_benchmark_code_runs(monkeypatch, capsys):
                         lambda batch, dtype: small_ln(batch, dtype, widths=(48,), lengths=(3,), device="cpu"))
     monkeypatch.setattr(bk, "bench_attention", lambda batch, dtype: small_attn(
         1, dtype, heads=2, head_dim=16, shapes=((5, 5), (7, 50)), device="cpu"))
-    bk.run_benchmark(2, torch.float32, "no GPU")
+    small_drop = bk.check_attention_dropout
+    monkeypatch.setattr(bk, "check_attention_dropout", lambda batch, dtype: small_drop(
+        1, dtype, heads=2, head_dim=16, shapes=tiny_dropout_shapes, device="cpu"))
+    verdicts = bk.run_benchmark(2, torch.float32, "no GPU")
     out = capsys.readouterr().out
     assert out.startswith("# no GPU") and "# wall time" in out and out.count("  met") + out.count("MISSED") == 4
+    assert "attention with dropout 0.1" in out and "attention with dropout" in out.split("# wall time")[1]
+    assert verdicts["values"] and out.rstrip().endswith("ok")
 
 
 @pytest.mark.gpu
