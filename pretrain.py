@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
 from data import ImageProcessor, build_pretrain_loader, parse_sources, spec_shards, validation_spec
-from model import BridgeTower, BridgeTowerConfig, ResidualAttentionBlock, TextLayer
+from model import BridgeTower, BridgeTowerConfig, CheckpointError, ResidualAttentionBlock, TextLayer
 
 # -----------------------------------------------------------------------------
 # default config: the CPU demo (config/pretrain_base.py has the paper's recipe)
@@ -188,7 +188,11 @@ def build_model(vocab_size):
     config = BridgeTowerConfig.preset(model_size, vocab_size=vocab_size, image_size=image_size, heads=HEADS,
                                       **tu.dropout_config(dropout or 0.0))
     if text_init or vision_init:
-        return BridgeTower.from_unimodal(config, text_path=text_init or None, vision_path=vision_init or None)
+        try:
+            return BridgeTower.from_unimodal(config, text_path=text_init or None, vision_path=vision_init or None)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}\n(the model is built at --model_size={model_size}: roberta-base and CLIP "
+                                  "ViT-B/16 take --model_size=base, as config/pretrain_base.py sets)") from None
     return BridgeTower(config)
 
 

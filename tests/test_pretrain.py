@@ -301,7 +301,7 @@ def test_default_run_learns(tmp_path):
     assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(run, "final")))
 
 
-def test_init_from_roberta_and_clip(tmp_path):
+def test_init_from_roberta_and_clip(tmp_path, monkeypatch):
     # --text_init / --vision_init: tiny random RoBERTa and CLIP in the HF layout; the run takes the RoBERTa
     # directory's tokenizer, and with lr 0 the saved model still holds the RoBERTa weights
     T = pytest.importorskip("transformers")
@@ -325,6 +325,14 @@ def test_init_from_roberta_and_clip(tmp_path):
     word = "bridgetower.text_model.embeddings.word_embeddings.weight"
     assert torch.equal(saved[word], roberta.embeddings.word_embeddings.weight.detach())
     assert (run / "final" / "vocab.json").read_bytes() == (tok_dir / "vocab.json").read_bytes()
+    # an encoder of another size than model_size builds: the error names the setting
+    from model import CheckpointError
+    T.RobertaModel(T.RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                   intermediate_size=128, type_vocab_size=1)).save_pretrained(tmp_path / "small")
+    monkeypatch.setattr(pretrain, "text_init", str(tmp_path / "small"))
+    monkeypatch.setattr(pretrain, "init_from", "")
+    with pytest.raises(CheckpointError, match=r"hidden_size=64 \(model needs 128\)(.|\n)*--model_size=tiny"):
+        pretrain.build_model(vocab)
 
 
 def test_dropout_setting_replaces_the_checkpoints(tmp_path, monkeypatch):
