@@ -1023,10 +1023,12 @@ def bench_attention(batch, dtype, heads=12, head_dim=64,
 
 
 def check_attention_dropout(batch, dtype, heads=12, head_dim=64, dropout_p=0.1,
-                            shapes=((50, 50, True), (325, 50, True), (50, 325, False)), device="cuda"):
+                            shapes=((50, 50, True), (325, 50, True), (50, 325, False), (325, 325, False)),
+                            device="cuda"):
     """Values only, not timed: the attention kernels with dropout (a compile-time switch, so other kernels than
     bench_attention's) on the shapes pre-training runs them at, (Lq, Lk, keys masked): text self-attention and
-    image queries on padded text keys, text queries on image keys. The reference applies the kernel's own mask.
+    image queries on padded text keys, text queries on image keys, the cross layers' image self-attention. The
+    reference applies the kernel's own mask.
     On a GPU this also compiles and tunes them, so that gpu_checks.sh's pre-training step finds them in
     Triton's cache."""
     print(f"\nattention with dropout {dropout_p}, B={batch} H={heads} D={head_dim}, {dtype}: the tuned kernels' "

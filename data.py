@@ -529,6 +529,7 @@ class SyntheticSource:
 
 
 PROBED_IMAGES = 100  # image files looked for at start-up, per COCO / VG source: 100 stat calls, even on NFS
+_WARNED_SOURCES = set()  # (name, root) of the sources already reported with missing images
 
 
 def _spread(n, k):
@@ -565,7 +566,8 @@ class PairSource:
         if len(missing) == len(probe):
             raise FileNotFoundError(f"{self.name}: none of {len(probe)} images probed across the list exist, "
                                     f"e.g. {missing[0]}{self.hint}")
-        if missing:
+        if missing and (self.name, self.root) not in _WARNED_SOURCES:  # once: validation re-reads its sources
+            _WARNED_SOURCES.add((self.name, self.root))
             print(f"data: {self.name}: {len(missing)} of {len(probe)} images probed across the list are missing, "
                   f"e.g. {missing[0]}; their samples will be skipped{self.hint}", file=sys.stderr)
 

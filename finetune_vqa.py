@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
 from data import COLORS, SHAPES, Tokenizer, eval_transform, make_scene, train_transform
-from model import BridgeTower, BridgeTowerConfig, CheckpointError
+from model import BridgeTower, BridgeTowerConfig, CheckpointError, _init_weights
 
 # -----------------------------------------------------------------------------
 # default config: the CPU demo (config/finetune_vqa_base.py has the paper's recipe)
@@ -655,8 +655,7 @@ def reindex_vqa_head(model, head_answers, answers, source):
     answer the two share keeps its row of the last layer, the others get new rows as a new head's."""
     last = model.vqa_classifier[-1]
     new = nn.Linear(last.in_features, len(answers)).to(last.weight.device)
-    nn.init.normal_(new.weight, std=0.02)
-    nn.init.zeros_(new.bias)
+    _init_weights(new)  # the model's init for new modules
     row = {a: i for i, a in enumerate(head_answers)}
     shared = [(j, row[a]) for j, a in enumerate(answers) if a in row]
     if shared:
@@ -836,6 +835,8 @@ def main():
         _write_json(os.path.join(out_dir, "answers.json"), answers)
 
     init_path = resolve_init()
+    # checkpoints keep what "auto" found: a resume takes this run's tokenizer, whatever out/pretrain holds by then
+    config["init_from"] = init_path
     tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_path)
     torch.manual_seed(seed)  # the same initial head on every rank (DDP also broadcasts rank 0's)
     if ckpt is not None:

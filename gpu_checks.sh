@@ -41,9 +41,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to NAME.txt
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$log_dir/machine.txt"
 
-# Step 1 was estimated at about 150 s before its dropout check, which compiles and tunes 2 x 13 more kernels (about
-# 1 s each in bf16 for sm_90 with triton 3.9 on the 2-core development CPU) that step 2 then finds compiled: 20 s
-# moved from step 2 to step 1. The benchmark's `# wall time` line gives each part's time, for the next rebalancing.
+# Step 1 was estimated at about 150 s before its dropout check, which compiles and tunes the two dropout kernels
+# (forward, backward) over their configs at four shapes (each compile about 1 s in bf16 for sm_90 with triton 3.9 on
+# the 2-core development CPU) that step 2 then finds compiled and tuned: 20 s moved from step 2 to step 1. The benchmark's `# wall time` line gives each part's time, for the next rebalancing.
 step kernels 220 python3 bridge_kernels.py --dtype bf16 --batch 32
 pretrain=(python3 pretrain.py config/pretrain_base.py --bench --bench_steps=6 --micro_batch_size=32 --batch_size=32)
 BRIDGETOWER_KERNELS=triton step pretrain_triton 100 "${pretrain[@]}"  # the first step autotunes the kernels

@@ -91,7 +91,7 @@ def configure(globals_dict, argv=None, given=None):
     arguments, or a config file that would undo an earlier --key is an error naming it. Consecutive arguments
     catch an unquoted shell pattern: --data=wds:cc3m/{00000..00331}.tar reaches us as one --data argument per
     shard, of which only the last would be kept. --help prints the script's docstring and every setting.
-    given: a set, to which the keys the arguments set are added (see take_run_settings).
+    given: a set, to which the keys of the --key=value arguments are added (see take_run_settings).
     """
     argv = sys.argv[1:] if argv is None else argv
     keys = _config_keys(globals_dict)
@@ -106,9 +106,10 @@ def configure(globals_dict, argv=None, given=None):
     previous_key, from_command_line = None, set()
     for arg in argv:
         if not arg.startswith("--"):
-            if not (arg.endswith(".py") and os.path.isfile(arg)):
-                raise FileNotFoundError(f"config file {arg!r}: " + ("no such file" if arg.endswith(".py") else
-                                        "expected a Python file of settings (config/*.py) or --key=value"))
+            if not arg.endswith(".py"):
+                raise ValueError(f"{arg!r}: expected a config file of settings (config/*.py) or --key=value")
+            if not os.path.isfile(arg):
+                raise FileNotFoundError(f"config file {arg!r}: no such file")
             ns = {}
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), ns)
@@ -133,12 +134,12 @@ def configure(globals_dict, argv=None, given=None):
             source = "command line"
             previous_key = key
             from_command_line.add(key)
+            if given is not None:
+                given.add(key)
         for key, value in overrides.items():
             if key not in keys:
                 raise ValueError(f"unknown config key {key!r} (from {source})")
             globals_dict[key] = _coerce(key, value, globals_dict[key])
-            if given is not None:
-                given.add(key)
             if verbose:
                 print(f"config: {key} = {globals_dict[key]!r} ({source})")
     return {k: globals_dict[k] for k in keys}
@@ -382,14 +383,17 @@ def save_checkpoint(run_dir, state):
     return path
 
 
-_HELD_LOCKS = []  # open lock files: a lock lasts as long as its file stays open
+_HELD_LOCKS = {}  # out_dir -> its open lock file: a lock lasts as long as its file stays open
 
 
 def lock_out_dir(run_dir):
     """An exclusive lock on run_dir/run.lock for the rest of the process (rank 0 takes it): a second run in the
     same out_dir, e.g. a resumed job while the old one still runs, stops at once rather than write the same
-    checkpoints and logs. The OS drops the lock when the process ends, however it ends."""
-    import fcntl
+    checkpoints and logs. The OS drops the lock when the process ends, however it ends; this process may take
+    it again (a run, then its resume, in one notebook)."""
+    import fcntl  # POSIX only, like the rest of the GPU stack; imported here so that the module imports anywhere
+    if os.path.realpath(run_dir) in _HELD_LOCKS:
+        return
     os.makedirs(run_dir, exist_ok=True)
     f = open(os.path.join(run_dir, "run.lock"), "a")
     try:
@@ -398,7 +402,7 @@ def lock_out_dir(run_dir):
         f.close()
         raise RuntimeError(f"{run_dir} is in use: another process holds {run_dir}/run.lock (a run still going?); "
                            "stop it first, or choose another --out_dir") from None
-    _HELD_LOCKS.append(f)
+    _HELD_LOCKS[os.path.realpath(run_dir)] = f
 
 
 def check_out_dir(run_dir, resume):
@@ -416,9 +420,10 @@ def check_out_dir(run_dir, resume):
 
 
 def take_run_settings(globals_dict, run_dir, given, kind):
-    """--resume: each setting that the command line (config files included) did not give takes the checkpointed
-    run's value, so that `--resume --out_dir=...` alone continues the run as it was, on the same data; a setting
-    given anew is compared with the run's by resume_message. Returns the script's settings, as configure does.
+    """--resume: each setting that no --key=value gives takes the checkpointed run's value, so that `--resume
+    --out_dir=...` alone continues the run as it was, on the same data, and so does the run's own command with
+    --resume added: a config file repeated there does not undo the run's --key overrides. A setting given anew is
+    compared with the run's by resume_message. Returns the script's settings, as configure does.
     Without a readable checkpoint of this kind, nothing is taken (load_latest_checkpoint reports a damaged one)."""
     keys = _config_keys(globals_dict)
     try:

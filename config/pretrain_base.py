@@ -1,7 +1,8 @@
 # BridgeTower-Base pre-training, the paper's recipe (the original's scripts):
 # roberta-base + CLIP ViT-B/16, 288 px, MLM + ITM, global batch 4096, 100k steps, AdamW (0.9, 0.98) eps 1e-8,
 # lr 1e-5 with warmup 10% then linear to 0, weight decay 0.01 (none on biases and LayerNorms), lr x5 for
-# cross_modal* and the heads, captions up to 50 tokens. bf16 autocast on GPU (the original trained in fp32).
+# cross_modal* and the heads, captions up to 50 tokens. bf16 autocast on an Ampere or newer GPU (the original
+# trained in fp32).
 #   torchrun --nproc_per_node=8 pretrain.py config/pretrain_base.py
 # The paths below are where the unimodal checkpoints and the datasets are expected; override them on the
 # command line (--text_init=..., --data=...).
@@ -31,7 +32,7 @@ adam_eps = 1e-8
 lr_mult_cross_modal = 5.0
 lr_mult_heads = 5.0
 grad_clip = 0.0              # the original does not clip
-dtype = "auto"               # bf16 autocast on GPU (the original trained in fp32), fp32 on CPU
+dtype = "auto"               # bf16 autocast on an Ampere or newer GPU (the original trained in fp32), else fp32
 log_interval = 10
 eval_interval = 2000
 eval_batches = 8

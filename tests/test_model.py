@@ -621,7 +621,8 @@ def test_padding_is_invisible():
 
 def test_torch_compile_matches_eager():
     """pretrain.py / finetune_vqa.py --compile: the model traces and compiles (PyTorch path; one graph break at the
-    padding check), and its MLM and ITM passes give eager's outputs and gradients."""
+    padding check), and its MLM and ITM passes, the ITM one on the MLM one's image inputs as pretrain.py runs them,
+    give eager's outputs and gradients."""
     import shutil
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("inductor needs a C++ compiler on the CPU")
@@ -635,8 +636,11 @@ def test_torch_compile_matches_eager():
 
     def step(m):  # m: the model or its compiled wrapper (same parameters)
         model.zero_grad(set_to_none=True)
-        mlm = m(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), mlm_positions=where).mlm_logits
-        itm = m(ids, attention_mask=mask, pixel_values=pixels, heads=("itm",)).itm_logits
+        first = m(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), mlm_positions=where,
+                  return_image_inputs=True)
+        image_inputs = [x[torch.tensor([2, 0, 2])] for x in first.image_inputs]
+        mlm = first.mlm_logits
+        itm = m(ids, attention_mask=mask, image_inputs=image_inputs, heads=("itm",)).itm_logits
         (F.cross_entropy(mlm, ids[where]) + F.cross_entropy(itm, torch.tensor([1, 0, 1]))).backward()
         return mlm.detach(), itm.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
