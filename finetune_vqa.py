@@ -889,7 +889,7 @@ def main():
     cfg = raw_model.config
     # questions are padded to the longest in the batch, so max_text_len overstates the FLOPs (MFU is an upper bound)
     flops = batch_size * tu.flops_per_sample(cfg, max_text_len, heads=("vqa",))
-    peak = tu.peak_flops(dist.device)
+    peak = tu.peak_flops(dist.device, dtype)
     if dist.is_master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"model {n_params / 1e6:.2f}M parameters from {weights_from} at {image_size}px | "

@@ -290,7 +290,7 @@ def main():
     warmup_steps = int(warmup_ratio * max_steps)
     cfg = raw_model.config
     flops = step_flops(cfg)
-    peak = tu.peak_flops(dist.device)
+    peak = tu.peak_flops(dist.device, dtype)
     if dist.is_master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"model {n_params / 1e6:.2f}M parameters | {dist.world_size} process(es) x {accum} micro-steps x "
@@ -388,7 +388,7 @@ def run_bench(dist):
     if dist.device.type == "cuda":  # as the training loader's: a copy from pageable memory would stall the step
         batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
     flops = step_flops(cfg)
-    peak = tu.peak_flops(dist.device)
+    peak = tu.peak_flops(dist.device, dtype)
     if dist.is_master:
         print(f"bench: {model_size} {image_size}px text {max_text_len} | batch {batch_size} = {dist.world_size} x "
               f"{accum} x {micro_batch_size} | {flops / batch_size / 1e9:.1f} GFLOP/sample | dtype "

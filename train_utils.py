@@ -584,10 +584,11 @@ PEAK_BF16_FLOPS = [
 ]
 
 
-def peak_flops(device):
-    """The accelerator's own bf16 peak, or None (CPU, or a GPU not in the table: no MFU is reported)."""
+def peak_flops(device, dtype="auto"):
+    """The accelerator's own bf16 peak, or None: no MFU is reported on a CPU, on a GPU not in the table, or for
+    a run without bf16 (`dtype`, as --dtype), whose peak is another."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or not use_bf16(device, dtype):
         return None
     return peak_flops_of(torch.cuda.get_device_name(device))
 

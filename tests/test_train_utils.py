@@ -311,8 +311,16 @@ def test_metric_logger(tmp_path, capsys):
     assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
-def test_peak_flops():
+def test_peak_flops(monkeypatch):
     assert tu.peak_flops("cpu") is None
+    # the bf16 peak measures bf16 runs only: an fp32 run (forced, or auto on a V100) reports no MFU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert tu.peak_flops("cuda:0", "auto") == tu.peak_flops("cuda:0", "bfloat16") == 989e12
+    assert tu.peak_flops("cuda:0", "float32") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert tu.peak_flops("cuda:0", "auto") is None and tu.peak_flops("cuda:0", "bfloat16") == 125e12
     names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
              "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12,
              "NVIDIA L4": 121e12, "NVIDIA H800": 989e12, "NVIDIA A10G": 70e12, "NVIDIA GeForce GTX 1080": None}
