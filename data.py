@@ -846,6 +846,7 @@ def spec_shards(spec):
 SHUFFLE_BUFFER = 2000  # tar samples (header references, not bytes) shuffled per worker
 MAX_OPEN_SHARDS = 8
 SKIPS_NAMED = 20  # unusable samples named on stderr per stream (rank x loader worker); see _report_skip
+_NAMED_SKIPS = set()  # the samples this process has named: each validation pass meets the same ones again
 
 
 def _seed_of(*parts):
@@ -1025,8 +1026,9 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         try:
             return self._load(ref, open_files)
         except Exception as e:  # corrupt/missing image: any decoder error must not stop a run
-            self._last_error = f"{self._sample_name(ref)}: {type(e).__name__}: {e}"
-            self._report_skip()
+            name = self._sample_name(ref)
+            self._last_error = f"{name}: {type(e).__name__}: {e}"
+            self._report_skip(name)
             return None
 
     def _sample_name(self, ref):
@@ -1036,13 +1038,18 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         path = getattr(source, "image_path", None)  # the synthetic scenes have no file
         return f"{source.name} sample {ref[2]}" + (f" ({path(ref[2])})" if path else "")
 
-    def _report_skip(self):
+    def _report_skip(self, name):
         # Named so the user can find the file, but only the first SKIPS_NAMED per stream: enough to see a pattern
         # (every missing file in one folder) and a few corrupt files, while a source broken throughout prints
         # SKIPS_NAMED lines per rank and worker instead of one per sample of a million-sample epoch. A budget
         # shared by all streams would need a counter across processes; the skipped count covers the rest.
+        # A sample named before in this process (the validation loader, built anew each pass in the main
+        # process, or a second epoch) is not named again.
+        if name in _NAMED_SKIPS:
+            return
         self._skips_named += 1
         if self._skips_named <= SKIPS_NAMED:
+            _NAMED_SKIPS.add(name)
             print(f"data: skipped {self._last_error}", file=sys.stderr, flush=True)
         if self._skips_named == SKIPS_NAMED:
             info = torch.utils.data.get_worker_info()

@@ -605,6 +605,9 @@ def test_unusable_samples_are_named_on_stderr(tok, tmp_path, capsys):
     assert any(f"({root / 'missing.jpg'}): FileNotFoundError" in line for line in lines), lines
     assert any(f"({root / 'corrupt.jpg'}): UnidentifiedImageError" in line for line in lines), lines
     assert all(line.startswith(f"data: skipped coco:{tmp_path / 'dataset_coco.json'}[train] sample ") for line in lines)
+    # a new loader over the same data in this process (each validation pass): counted again, not named again
+    assert take(spec, tok, 1, batch_size=3)[0]["skipped"] == 2
+    assert "data: skipped" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
