@@ -4,8 +4,8 @@ top layers feed, through "bridge" layers, a cross-modal encoder of two BERT-styl
 
 Read top to bottom:
   1. BridgeTowerConfig           every number that changes the math, with presets tiny / base / large
-  2. attention, add_layer_norm   the two hot spots; both go through bridge_kernels' dispatcher (Triton on CUDA,
-                                 except fp32 attention, which stays on PyTorch's SDPA)
+  2. attention, add_layer_norm   the two hot spots; both go through bridge_kernels' dispatcher (Triton or
+                                 PyTorch: see bridge_kernels.backend and AUTO_TRITON)
   3. modules                     RoBERTa, CLIP ViT, cross layers, bridges, heads; named after the Hugging Face
                                  keys, so that an HF checkpoint loads by stripping the `bridgetower.` prefix
   4. BridgeTower                 the forward schedule and the heads (MLM, ITM, ITC, VQA)
@@ -123,8 +123,10 @@ class BridgeTowerConfig:
 
 
 # -----------------------------------------------------------------------------
-# 2. The two functions every layer goes through. bridge_kernels decides Triton (CUDA) or PyTorch:
-#    its torch path is F.scaled_dot_product_attention with a boolean key mask, and F.layer_norm(h + c).
+# 2. The two hot spots: attention (every layer) and add_layer_norm (each post-LN residual of the text and cross
+#    layers, and the bridges; CLIP's pre-LN blocks use plain nn.LayerNorm). bridge_kernels decides Triton (CUDA,
+#    sm_80+, where AUTO_TRITON allows) or PyTorch: F.scaled_dot_product_attention with a boolean key mask, and
+#    F.layer_norm(h + c).
 #    (bridge_kernels.attention and .add_layer_norm, by contrast, always run the Triton kernels.)
 
 def attention(q, k, v, key_mask=None, dropout_p=0.0, kernels="auto"):
@@ -260,8 +262,9 @@ class TextLayer(nn.Module):
 
 
 class CrossLayer(TextLayer):
-    """Cross-modal layer (HF BridgeTowerBertCrossLayer): self-attention over its own stream, cross-attention
-    from it to the other stream, FFN; all post-LN. self_mask masks its own keys, other_mask the other's."""
+    """Cross-modal layer (HF BridgeTowerBertCrossLayer), post-LN: a = LN(x + SelfAttn(x)),
+    c = LN(a + CrossAttn(q=a, kv=other)), y = LN(c + FFN(c)). `other` is the other stream's input to this same
+    layer, not its output. self_mask masks its own keys, other_mask the other's."""
 
     def __init__(self, config):
         super().__init__(config, config.cross_layer_norm_eps)
@@ -356,7 +359,9 @@ class VisionTransformer(nn.Module):
 
 
 class LinkTower(nn.Module):
-    """Bridge layer: LayerNorm of (uni-modal input h, previous cross-modal output c) combined per link_tower_type."""
+    """Bridge into cross layer k >= 1, one per stream and layer: h = W·(uni-modal layer output) + the modality's
+    type embedding, c = this stream's output of cross layer k-1. add: LN(h + c) (the released models');
+    scaled_add: LN(s·h + c), s from 1; interpolate: LN((1-b)·h + b·c), b from 0.5."""
 
     def __init__(self, config):
         super().__init__()
@@ -431,7 +436,7 @@ def contrastive_loss(text_embeds, image_embeds, cross_embeds, logit_scale):
 class BridgeTowerOutput:
     text_features: torch.Tensor                    # (B, T, H) output of the last text-side cross layer
     image_features: Optional[torch.Tensor] = None  # (B, L, H) last image-side cross layer; None when only "mlm" ran
-    pooler_output: Optional[torch.Tensor] = None   # (B, 2H) [tanh(text CLS) | tanh(image CLS)]; None as above
+    pooler_output: Optional[torch.Tensor] = None   # (B, 2H) [tanh(P_t·text CLS) | tanh(P_i·image CLS)]; None as above
     mlm_logits: Optional[torch.Tensor] = None      # (B, T, V), or (N, V) at mlm_positions
     itm_logits: Optional[torch.Tensor] = None      # (B, 2), class 1 = match
     text_embeds: Optional[torch.Tensor] = None     # (B, contrastive_hidden_size) ITC, L2-normalised
@@ -498,7 +503,7 @@ class BridgeTower(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, heads=None, mlm_positions=None,
                 output_hidden_states=False, output_attentions=False, image_inputs=None, return_image_inputs=False):
-        """input_ids (B,T), attention_mask (B,T) 1 = token 0 = pad (default all ones), pixel_values (B,3,S,S).
+        """input_ids (B,T), attention_mask (B,T) 1 = token 0 = pad (default all ones), pixel_values (B,3,size,size).
         heads=None computes every built head and all features. An explicit heads=(...) computes only what those
         heads need: with heads=("mlm",) the last image-side cross layer and the poolers are skipped (MLM reads
         only the text stream), so image_features and pooler_output are None.
@@ -528,8 +533,9 @@ class BridgeTower(nn.Module):
             # one host sync for both facts
             unpadded, no_empty_row = torch.stack([attention_mask.all(), attention_mask.any(-1).all()]).tolist()
             if not no_empty_row:
-                # HF would attend uniformly to the padding (every score -inf alike), SDPA gives zeros: neither means
-                # anything, so say so rather than return either (a tokenizer always yields <s> and </s>)
+                # HF adds finfo.min to every score of such a row, which makes them all one value, so it attends
+                # uniformly to the padding; SDPA gives zeros. Neither means anything, so say so rather than return
+                # either (a tokenizer always yields <s> and </s>)
                 rows = torch.nonzero(~attention_mask.any(-1)).flatten().tolist()
                 raise ValueError(f"attention_mask rows {rows} are all 0: no token to attend to")
             if not unpadded:
@@ -566,7 +572,7 @@ class BridgeTower(nn.Module):
             out.itm_logits = self.itm_score(out.pooler_output)
         if "itc" in heads:
             # HF: CLS of the last uni-modal text layer; CLS of the last image block after ln_post, the (shared)
-            # image transform and the image type embedding, which is exactly the last bridge's image input
+            # image transform and the image type embedding: image_inputs[-1], the last cross layer's image input
             out.text_embeds = F.normalize(self.itc_text_head(t[:, 0]), dim=-1)
             out.image_embeds = F.normalize(self.itc_image_head(image_inputs[-1][:, 0]), dim=-1)
             out.cross_embeds = F.normalize(self.itc_cross_modal_head(out.pooler_output), dim=-1)
@@ -576,9 +582,9 @@ class BridgeTower(nn.Module):
 
     def encode_image(self, pixel_values, keep=None):
         """The vision tower's part, for forward's image_inputs=: the image input of each cross layer k,
-        W_i·ln_post(v) + the image type embedding, v the output of the block beside text layer
-        text_layers - cross_layers + k (blocks above text_layers never run). `keep(image=...)` is given ln_pre's
-        output and each block's."""
+        W_i·ln_post(v) + the image type embedding, v the output of block text_layers - cross_layers + k, 0-based
+        (see _encode; blocks above text_layers never run). `keep(image=...)` is given ln_pre's output and each
+        block's."""
         keep = keep or (lambda **outputs: None)
         c = self.config
         visual = self.vision_model.visual
@@ -607,6 +613,8 @@ class BridgeTower(nn.Module):
 
         t = self.text_model.embeddings(input_ids)
         keep(text=t)
+        # 0-based index of the first uni-modal layer that feeds a cross layer. Base: 6, so layers 7..12 (1-based)
+        # feed cross layers 0..5; HF's split_index (layers run before cross layer 0) is first_fed + 1
         first_fed = c.text_layers - c.cross_layers
         for i in range(first_fed):
             t = text_layers[i](t, key_mask)
