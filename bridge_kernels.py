@@ -772,6 +772,12 @@ def attention_ref(q, k, v, key_mask=None, dropout_p=0.0, dropout_mask=None):
 
 BACKENDS = ("auto", "triton", "torch")
 
+# Which kernels auto may send to Triton on a CUDA GPU. A fused kernel is the default only where the benchmark
+# (`python bridge_kernels.py`, README's Benchmarks) has shown it faster there: add + LayerNorm must beat
+# F.layer_norm(a + b) and its torch.compile, which nothing has measured yet (no GPU so far), so it stays off
+# until then; attention is on, as issue #3 asks, until a measured loss turns it off.
+AUTO_TRITON = {"attention": True, "add_layer_norm": False}
+
 
 _CAPABILITY = {}  # CUDA device index -> compute capability, asked once a device
 
@@ -789,8 +795,8 @@ def backend(x, requested="auto", fits=True):
     imports, torch elsewhere, and torch while torch.compile traces: inductor fuses add + LayerNorm itself,
     and these kernels are not registered custom ops (Dynamo would meet the dropout seed, a host value, at
     every attention). fits=False: auto takes torch, where the kernel does not apply (dtype, head dim, width)
-    or is known to lose (see bridge_attention); forcing triton takes the kernel, which raises on what it
-    cannot take."""
+    or is not known to win (AUTO_TRITON, and fp32 in bridge_attention); forcing triton takes the kernel,
+    which raises on what it cannot take."""
     choice = os.environ.get("BRIDGETOWER_KERNELS", "").strip().lower() or requested
     if choice not in BACKENDS:
         raise ValueError(f"kernels must be one of {BACKENDS} (BRIDGETOWER_KERNELS or config), got {choice!r}")
@@ -808,7 +814,8 @@ def backend(x, requested="auto", fits=True):
 
 
 def bridge_add_layer_norm(h, c, weight, bias, eps, link_type="add", scalar=None, requested="auto"):
-    if backend(h, requested, fits=_add_layer_norm_problem(h, c) is None) == "triton":
+    fits = AUTO_TRITON["add_layer_norm"] and _add_layer_norm_problem(h, c) is None
+    if backend(h, requested, fits) == "triton":
         return add_layer_norm(h, c, weight, bias, eps, link_type, scalar)
     return add_layer_norm_ref(h, c, weight, bias, eps, link_type, scalar)
 
@@ -816,7 +823,8 @@ def bridge_add_layer_norm(h, c, weight, bias, eps, link_type="add", scalar=None,
 def bridge_attention(q, k, v, key_mask=None, dropout_p=0.0, requested="auto"):
     # auto leaves fp32 attention (no autocast) to PyTorch: without TF32 the kernel's fp32 dots run on CUDA cores
     # and spill (--compile-check: kilobytes of stack a thread), where the bf16 ones spill at most a few hundred bytes
-    fits = q.dtype != torch.float32 and _attention_problem(q, k, v, key_mask, dropout_p) is None
+    fits = (AUTO_TRITON["attention"] and q.dtype != torch.float32
+            and _attention_problem(q, k, v, key_mask, dropout_p) is None)
     if backend(q, requested, fits) == "triton":
         return attention(q, k, v, key_mask, dropout_p)
     mask = None if key_mask is None else key_mask.bool()[:, None, None, :]

@@ -388,8 +388,29 @@ def test_auto_needs_ampere_or_newer(monkeypatch):
     h = torch.randn(2, 5, 768, dtype=torch.bfloat16)
     assert isinstance(bk.bridge_add_layer_norm(h, h, torch.ones(768), torch.zeros(768), 1e-5), torch.Tensor)
     monkeypatch.setattr(bk, "_CAPABILITY", {None: (8, 0)})
+    monkeypatch.setitem(bk.AUTO_TRITON, "add_layer_norm", True)  # as once the benchmark shows it winning
     assert bk.bridge_attention(q, q, q) == "triton"
     assert bk.bridge_add_layer_norm(h, h, torch.ones(768), torch.zeros(768), 1e-5) == "triton"
+
+
+@pytest.mark.skipif(not bk.HAS_TRITON, reason="triton is not installed")
+def test_auto_takes_only_the_kernels_marked_as_winning(monkeypatch):
+    # STYLE: the fused add + LayerNorm is auto's choice only once the benchmark shows it beating PyTorch on a GPU
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # CPU tensors pose as CUDA ones
+    monkeypatch.setattr(bk, "_CAPABILITY", {None: (9, 0)})
+    monkeypatch.setattr(bk, "attention", lambda *args: "triton")
+    monkeypatch.setattr(bk, "add_layer_norm", lambda *args: "triton")
+    q, h = torch.randn(2, 3, 5, 64, dtype=torch.bfloat16), torch.randn(2, 5, 768, dtype=torch.bfloat16)
+    w, b = torch.ones(768), torch.zeros(768)
+    assert bk.AUTO_TRITON == {"attention": True, "add_layer_norm": False}  # nothing measured on a GPU yet
+    assert bk.bridge_attention(q, q, q) == "triton"
+    assert isinstance(bk.bridge_add_layer_norm(h, h, w, b, 1e-5), torch.Tensor)  # PyTorch's path
+    assert bk.bridge_add_layer_norm(h, h, w, b, 1e-5, requested="triton") == "triton"  # forcing still works
+    monkeypatch.setitem(bk.AUTO_TRITON, "attention", False)
+    assert isinstance(bk.bridge_attention(q, q, q), torch.Tensor)
+    monkeypatch.setitem(bk.AUTO_TRITON, "add_layer_norm", True)
+    assert bk.bridge_add_layer_norm(h, h, w, b, 1e-5) == "triton"
 
 
 @pytest.mark.skipif(not bk.HAS_TRITON, reason="triton is not installed")
@@ -403,6 +424,7 @@ def test_auto_takes_triton_only_for_what_the_kernels_take(monkeypatch):
     monkeypatch.setattr(bk, "_CAPABILITY", {None: (9, 0)}, raising=False)  # a CPU tensor's device has no index
     monkeypatch.setattr(bk, "attention", lambda *args: "triton")
     monkeypatch.setattr(bk, "add_layer_norm", lambda *args: "triton")
+    monkeypatch.setitem(bk.AUTO_TRITON, "add_layer_norm", True)  # as once the benchmark shows it winning
 
     def attention_path(q_dtype, kv_dtype=None, d=64):
         q = torch.randn(2, 3, 5, d, dtype=q_dtype)
