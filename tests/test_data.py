@@ -443,6 +443,22 @@ def test_loader_batches_mask_and_itm_balance(tok):
     assert 0.70 < replaced / chosen < 0.90  # 80% of the picked tokens become <mask> (about 4 sigma either side)
 
 
+def test_loader_random_replacements_are_never_special_tokens(tok):
+    # mask_tokens is told which ids it may draw (test_mlm_masking_statistics); here, that the loader tells it right
+    ds = data.build_pretrain_loader("synthetic", tok, image_size=32, batch_size=4).dataloader.dataset
+    assert set(ds.random_token_ids.tolist()) == set(range(tok.vocab_size)) - set(tok.special_ids)
+    # and in its batches: at 90 % masking, about 1000 random replacements, ~13 of which would hit one of the 5
+    # special ids of the 384 if they could
+    special = torch.zeros(tok.vocab_size, dtype=torch.bool)
+    special[tok.special_ids] = True
+    randoms = []
+    for b in take("synthetic", tok, 40, batch_size=32, mlm_prob=0.9):
+        ids, picked = b["mlm_input_ids"], b["mlm_labels"] != -100
+        randoms.append(ids[picked & (ids != tok.mask_id) & (ids != b["mlm_labels"])])
+    randoms = torch.cat(randoms)
+    assert len(randoms) > 800 and not special[randoms].any()
+
+
 # -----------------------------------------------------------------------------
 # loader on real files, bad data, errors
 

@@ -98,6 +98,21 @@ def test_add_layer_norm_fp32(link, shape):
 
 
 @needs_triton
+def test_add_layer_norm_eps_where_it_matters():
+    # unit-variance rows hide a missing or misplaced eps; rows whose variance is near or below it do not:
+    # scaled by 1e-3 (variance ~1e-6 against eps 1e-5) and all zero (0/0 without eps)
+    inputs, dout = ln_inputs((4, 768), "add")
+    with torch.no_grad():
+        inputs[0].mul_(1e-3), inputs[1].mul_(1e-3)
+        inputs[0][2:].zero_(), inputs[1][2:].zero_()
+    got = run_grads(ln_fn(bk.add_layer_norm, "add"), inputs, dout)
+    want = run_grads(ln_fn(bk.add_layer_norm_ref, "add"), inputs, dout)
+    for name, x, y in zip(["y", "dh", "dc", "dw", "db"], got, want):
+        assert torch.isfinite(x).all(), name
+        assert_fp32_close(x, y)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("link", ["add", "interpolate"])
 def test_add_layer_norm_low_precision(dtype, link):

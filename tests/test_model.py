@@ -549,6 +549,30 @@ def test_every_parameter_gets_a_gradient():
     assert not no_grad, no_grad
 
 
+def test_dropout_where_the_original_has_it(monkeypatch):
+    # the parity tests run in eval mode or with dropout 0, so they cannot see a dropout that went missing: count
+    # the calls. Hidden dropout: the text embeddings and every dense sub-layer output of the text layers (2 each)
+    # and of both cross-modal streams (3 each); attention dropout: every text and cross attention, none in CLIP
+    import model as model_lib
+    real_dropout, real_attention = F.dropout, model_lib.attention
+    hidden, attn = [], []
+    monkeypatch.setattr(model_lib.F, "dropout", lambda x, p=0.5, training=True, inplace=False:
+                        hidden.append((p, training)) or real_dropout(x, p, training, inplace))
+    monkeypatch.setattr(model_lib, "attention", lambda q, k, v, key_mask=None, dropout_p=0.0, kernels="auto":
+                        attn.append(dropout_p) or real_attention(q, k, v, key_mask, dropout_p, kernels))
+    config = BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, hidden_dropout=0.2, attention_dropout=0.3,
+                                      heads=("itm",))
+    model = BridgeTower(config).train()
+    T, C = config.text_layers, config.cross_layers
+    ids, mask, pixels = inputs()
+    model(ids, attention_mask=mask, pixel_values=pixels)
+    assert hidden == [(0.2, True)] * (1 + 2 * T + 2 * 3 * C)
+    assert attn.count(0.3) == T + 2 * 2 * C and attn.count(0.0) == T  # the CLIP blocks beside the text layers
+    hidden.clear(), attn.clear()
+    model.eval()(ids, attention_mask=mask, pixel_values=pixels)
+    assert all(not training for _, training in hidden) and set(attn) == {0.0}
+
+
 def test_unshared_transforms_get_gradients():
     model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, share_cross_modal_transform=False,
                                                  link_tower_type="interpolate", heads=("itm",)))

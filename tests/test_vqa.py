@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -74,6 +75,9 @@ def test_punctuation_rules():
     assert acc_of("1,000", ["1000"] * 10) == 100.0
     assert acc_of("1,000 t-shirt", ["1000 tshirt"] * 10) == 100.0
     assert acc_of("t-shirt", ["t shirt"] * 10) == 100.0
+    # each mark is judged on the answer as given, not as the marks before it left it: "-" has no space beside it
+    # in "ab/-cd-ef", so both become spaces, although "/" -> " " put one beside the first
+    assert acc_of("ab/-cd-ef", ["ab cd ef"] * 10) == 100.0
     # periods: removed unless followed by a digit
     assert acc_of("yes.", ["yes"] * 10) == 100.0
     assert acc_of("3.5", ["3.5"] * 10) == 100.0
@@ -120,6 +124,19 @@ def test_overall_and_per_answer_type():
 
 # -----------------------------------------------------------------------------
 # answer vocabulary and soft scores
+
+def test_loss_sums_over_answers_and_averages_over_questions():
+    # the original's scaling: BCE summed over the answer vocabulary, averaged over the questions of the batch
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(3, 7, generator=g), torch.rand(3, 7, generator=g)
+    model = lambda *args, **kwargs: types.SimpleNamespace(vqa_logits=logits)
+    batch = {"input_ids": torch.zeros(3, 4, dtype=torch.long), "attention_mask": torch.ones(3, 4),
+             "pixel_values": torch.zeros(3, 3, 8, 8), "targets": targets}
+    loss, metrics = fv.vqa_loss(model, batch, "cpu")
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 3
+    assert torch.allclose(loss, want, rtol=1e-6)
+    assert metrics["vqa_score"].item() == pytest.approx(targets.gather(1, logits.argmax(1, keepdim=True)).mean().item())
+
 
 def write_json(path, obj):
     with open(path, "w") as f:
