@@ -359,9 +359,10 @@ class VisionTransformer(nn.Module):
 
 
 class LinkTower(nn.Module):
-    """Bridge into cross layer k >= 1, one per stream and layer: h = W·(uni-modal layer output; ln_post'ed for
-    images) + the modality's type embedding, c = this stream's output of cross layer k-1. add: LN(h + c) (the released models');
-    scaled_add: LN(s·h + c), s from 1; interpolate: LN((1-b)·h + b·c), b from 0.5."""
+    """Bridge into cross layer k >= 1, one per stream and layer: h = W·(uni-modal layer output, ln_post'ed
+    for images) + the modality's type embedding, c = this stream's output of cross layer k-1.
+    add: LN(h + c) (the released models'); scaled_add: LN(s·h + c), s from 1; interpolate: LN((1-b)·h + b·c),
+    b from 0.5."""
 
     def __init__(self, config):
         super().__init__()
@@ -503,7 +504,8 @@ class BridgeTower(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, heads=None, mlm_positions=None,
                 output_hidden_states=False, output_attentions=False, image_inputs=None, return_image_inputs=False):
-        """input_ids (B,T), attention_mask (B,T) 1 = token 0 = pad (default all ones), pixel_values (B,3,image_size,image_size).
+        """input_ids (B,T); attention_mask (B,T), 1 = token, 0 = pad (default all ones);
+        pixel_values (B,3,image_size,image_size).
         heads=None computes every built head and all features. An explicit heads=(...) computes only what those
         heads need: with heads=("mlm",) the last image-side cross layer and the poolers are skipped (MLM reads
         only the text stream), so image_features and pooler_output are None.
