@@ -15,7 +15,8 @@
 #    output streamed, so that a timeout still shows how far it got), last: its compile time is the least known
 #                                                                      -> gpu_tests.txt
 # Each step has its own time limit, so that one that hangs or fails leaves the others their time; the script
-# exits non-zero if any step failed. Copy the tables into README.md (Benchmarks), with the GPU and the date.
+# exits non-zero if any step failed. Copy the tables into README.md (Benchmarks), with the GPU and the date, and
+# kernels.txt's last line (AUTO_TRITON as measured) into bridge_kernels.py.
 set -u
 cd "$(dirname "$0")"
 log_dir=${OUT:-gpu_logs}

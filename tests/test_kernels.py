@@ -418,12 +418,18 @@ def test_auto_takes_only_the_kernels_marked_as_winning(monkeypatch):
     monkeypatch.setattr(bk, "add_layer_norm", lambda *args: "triton")
     q, h = torch.randn(2, 3, 5, 64, dtype=torch.bfloat16), torch.randn(2, 5, 768, dtype=torch.bfloat16)
     w, b = torch.ones(768), torch.zeros(768)
-    assert bk.AUTO_TRITON == {"attention": True, "add_layer_norm": False}  # nothing measured on a GPU yet
-    assert bk.bridge_attention(q, q, q) == "triton"
+    # nothing measured on a GPU yet
+    assert bk.AUTO_TRITON == {"add_layer_norm": False, "masked_attention": True, "unmasked_attention": True}
+    key_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert bk.bridge_attention(q, q, q) == bk.bridge_attention(q, q, q, key_mask) == "triton"
     assert isinstance(bk.bridge_add_layer_norm(h, h, w, b, 1e-5), torch.Tensor)  # PyTorch's path
     assert bk.bridge_add_layer_norm(h, h, w, b, 1e-5, requested="triton") == "triton"  # forcing still works
-    monkeypatch.setitem(bk.AUTO_TRITON, "attention", False)
+    monkeypatch.setitem(bk.AUTO_TRITON, "unmasked_attention", False)  # e.g. SDPA's flash kernel measured faster
     assert isinstance(bk.bridge_attention(q, q, q), torch.Tensor)
+    assert bk.bridge_attention(q, q, q, key_mask) == "triton"
+    monkeypatch.setitem(bk.AUTO_TRITON, "masked_attention", False)
+    assert isinstance(bk.bridge_attention(q, q, q, key_mask), torch.Tensor)
+    assert bk.bridge_attention(q, q, q, key_mask, requested="triton") == "triton"
     monkeypatch.setitem(bk.AUTO_TRITON, "add_layer_norm", True)
     assert bk.bridge_add_layer_norm(h, h, w, b, 1e-5) == "triton"
 
@@ -587,9 +593,29 @@ def test_benchmark_code_runs(monkeypatch, capsys):
     # the value check is real: within its bound here, and a wrong kernel fails it
     checked = ln + attn + drop
     assert verdicts["values"] and all(0 <= r["error"] <= 1 for r in checked), [r["error"] for r in checked]
-    assert "WRONG" not in out and out.rstrip().endswith("ok")
-    assert not bk.summarize(ln, attn, drop + [dict(drop[0], error=1.5)])["values"]
-    assert "WRONG on 1 rows" in capsys.readouterr().out
+    values_line, auto_line = out.rstrip().splitlines()[-2:]
+    assert "WRONG" not in out and values_line.endswith("ok") and auto_line.startswith("AUTO_TRITON = {")
+    # the last line is AUTO_TRITON as measured: each kernel faster (geomean >= 1x) and right, or not
+    def auto_triton_with(geomean, dropout_rows=drop):
+        monkeypatch.setattr(bk, "_geomean", geomean)
+        verdicts = bk.summarize(ln, attn, dropout_rows)
+        monkeypatch.setattr(bk, "_geomean", real_geomean)
+        lines = capsys.readouterr().out.rstrip().splitlines()
+        return verdicts, lines[-2], lines[-1]
+
+    real_geomean = bk._geomean
+    verdicts, values_line, line = auto_triton_with(lambda ratios: 2.0, [dict(drop[0], error=1.5)])  # dropout wrong
+    assert not verdicts["values"] and values_line.endswith("WRONG on 1 rows")
+    assert line.startswith("AUTO_TRITON = {'add_layer_norm': True, 'masked_attention': False, "
+                           "'unmasked_attention': False}")
+    compile_ratios = [r["vs_compile"] for r in ln if r["passes"] == "fwd+bwd"]
+    _, _, line = auto_triton_with(lambda ratios: 0.9 if ratios == compile_ratios else 2.0)  # loses to torch.compile
+    assert line.startswith("AUTO_TRITON = {'add_layer_norm': False, 'masked_attention': True, "
+                           "'unmasked_attention': True}")
+    masked_ratios = [r["vs_sdpa"] for r in attn if r["passes"] == "fwd+bwd" and r["masked"]]
+    _, _, line = auto_triton_with(lambda ratios: 1.1 if ratios == masked_ratios else 0.99)  # under 1.2x: still faster
+    assert line.startswith("AUTO_TRITON = {'add_layer_norm': False, 'masked_attention': True, "
+                           "'unmasked_attention': False}")
     # the dropout reference is the kernel's own mask: another seed's mask fails the check
     q, k, v, do = bk._attention_inputs(1, 2, 16, 7, 50, torch.float32, "cpu")
     key_mask = bk._text_key_mask(1, 50, "cpu")
@@ -619,7 +645,8 @@ def test_benchmark_code_runs(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("# no GPU") and "# wall time" in out and out.count("  met") + out.count("MISSED") == 4
     assert "attention with dropout 0.1" in out and "attention with dropout" in out.split("# wall time")[1]
-    assert verdicts["values"] and out.rstrip().endswith("ok")
+    assert verdicts["values"] and out.rstrip().splitlines()[-2].endswith("ok")
+    assert out.rstrip().splitlines()[-1].startswith("AUTO_TRITON = {'add_layer_norm': ")
 
 
 @pytest.mark.gpu
