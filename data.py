@@ -849,6 +849,13 @@ SKIPS_NAMED = 20  # unusable samples named on stderr per stream (rank x loader w
 _NAMED_SKIPS = set()  # the samples this process has named: each validation pass meets the same ones again
 
 
+def _say(line):
+    # one write a line: loader workers share stderr, and print's separate write of the newline can land after
+    # another worker's line where stderr is unbuffered (pytest's capture), joining two lines into one
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _seed_of(*parts):
     return random.Random("-".join(map(str, parts))).getrandbits(63)
 
@@ -905,8 +912,7 @@ class _ShardStream:
             samples, error = scan_shard(path)
             if error:
                 self.counters["skipped"] += 1
-                print(f"data: shard {path} abandoned after {len(samples)} samples: {error}", file=sys.stderr,
-                      flush=True)
+                _say(f"data: shard {path} abandoned after {len(samples)} samples: {error}")
             if not samples:
                 self.empty.add(path)
             self.pending = [(path, key, members) for key, members in reversed(samples)]
@@ -1050,12 +1056,12 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         self._skips_named += 1
         if self._skips_named <= SKIPS_NAMED:
             _NAMED_SKIPS.add(name)
-            print(f"data: skipped {self._last_error}", file=sys.stderr, flush=True)
+            _say(f"data: skipped {self._last_error}")
         if self._skips_named == SKIPS_NAMED:
             info = torch.utils.data.get_worker_info()
             stream = f"rank {self.rank}" + (f" loader worker {info.id}" if info else "")
-            print(f"data: {stream} has named {SKIPS_NAMED} unusable samples; its further ones are only counted "
-                  "(the log's skipped)", file=sys.stderr, flush=True)
+            _say(f"data: {stream} has named {SKIPS_NAMED} unusable samples; its further ones are only counted "
+                 "(the log's skipped)")
 
     def _make_batch(self, refs, batch_index, streams, chooser, counters, open_files):
         samples = [self._try_load(ref, open_files) for ref in refs]
