@@ -845,3 +845,36 @@ def test_image_processor_saved_for_transformers(tmp_path):
     want = data.ImageProcessor(64)(images)
     assert got["pixel_values"].shape == want.shape == (2, 3, 64, 64)
     assert (got["pixel_values"] - want).abs().max().item() < 1e-5
+
+
+def test_eval_transform_is_a_square_bicubic_resize():
+    # the original VQA evaluation transform: the whole image resized to size x size, bicubic (torchvision's
+    # Resize((s, s)) on a PIL image is Pillow's bicubic resize), no crop; the pixels must be the same, bit for bit
+    img = natural_image(333, 500, 8)
+    want = data.normalize(np.asarray(img.resize((64, 64), Image.BICUBIC)))
+    assert torch.equal(data.eval_transform(64, use_draft=False)(img), want)
+
+
+def test_randaugment_shear_y_strength():
+    # ShearY at magnitude 5: a shear of 0.3 * 5 / 10 = 0.15 either way (BLIP's RandomAugment), as ShearX; a
+    # horizontal line becomes one of slope +-0.15
+    ops = data._randaugment_ops(5)
+    line = Image.new("RGB", (64, 64), (0, 0, 0))
+    line.paste((255, 255, 255), (0, 32, 64, 33))  # a horizontal line at y = 32
+    slopes = set()
+    for seed in range(8):
+        ys, xs = np.nonzero(np.asarray(ops["ShearY"](line, random.Random(seed)).convert("L")) > 200)
+        slopes.add(round(float(np.polyfit(xs, ys, 1)[0]), 2))
+    assert slopes == {-0.15, 0.15}
+
+
+def test_random_resized_crop_aspect_is_log_uniform():
+    # torchvision's RandomResizedCrop draws the aspect ratio log-uniformly in (3/4, 4/3): as many crops wider than
+    # tall as taller than wide. A uniform draw makes 57% of them wider ((4/3 - 1) / (4/3 - 3/4)). A quarter of a
+    # square image: every draw fits, none falls back to the whole image.
+    rng = random.Random(0)
+    boxes = [data._random_resized_crop_box(1000, 1000, (0.25, 0.25), (3 / 4, 4 / 3), rng) for _ in range(4000)]
+    wide = sum(x1 - x0 > y1 - y0 for x0, y0, x1, y1 in boxes)
+    tall = sum(x1 - x0 < y1 - y0 for x0, y0, x1, y1 in boxes)
+    assert abs(wide - tall) < 320, (wide, tall)  # 5 sigma of a fair split of 4000; uniform: ~570 apart
+    assert all((x1 - x0) * (y1 - y0) == pytest.approx(250_000, rel=0.01) for x0, y0, x1, y1 in boxes)

@@ -735,3 +735,10 @@ def test_released_checkpoint():
         itm_loss = F.cross_entropy(out.itm_logits, torch.tensor([1])).item()
         print(f"ITM loss (label 1): {itm_loss:.4f}, HF published 0.5108")
         assert abs(itm_loss - 0.5108) < 1e-3
+
+
+def test_itc_temperature_starts_at_clips():
+    # ITC's initial temperature is CLIP's 0.07 (HF BridgeTower's logit_scale_init_value 2.6592 = log(1 / 0.07)):
+    # logit_scale holds its log, so the similarities are scaled by 1 / 0.07 at the start, not by e^(1/0.07)
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=120, image_size=32, heads=("itc",)))
+    assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-4)

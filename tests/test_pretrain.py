@@ -345,3 +345,32 @@ def test_dropout_setting_replaces_the_checkpoints(tmp_path, monkeypatch):
     assert dropouts(pretrain.build_model(300).config) == (0.1, 0.1)  # --dropout unset: the checkpoint's own
     monkeypatch.setattr(pretrain, "dropout", 0.0)
     assert dropouts(pretrain.build_model(300).config) == (0.0, 0.0)
+
+
+def test_optimizer_multipliers_follow_the_recipe(monkeypatch):
+    # the original's pre-training recipe: lr x5 for every cross_modal* parameter *and for the heads* (mlm_score,
+    # itm_score); the uni-modal towers and the modality type table keep the base lr; no decay on biases and norms
+    # (ours: on any tensor of fewer than 2 dimensions). Distinct multipliers here, so that a head put with the
+    # cross-modal layers (or left out) shows.
+    from model import BridgeTower, BridgeTowerConfig
+    monkeypatch.setattr(pretrain, "lr_mult_cross_modal", 5.0)
+    monkeypatch.setattr(pretrain, "lr_mult_heads", 7.0)
+    config = BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, heads=("mlm", "itm"))
+    model = BridgeTower(config)
+    optimizer = pretrain.make_optimizer(model, torch.device("cpu"))
+    tu.set_lr(optimizer, 1.0, 1.0)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(group_of) == len(named)  # every parameter, once
+    expect = {  # name: (lr, weight decay)
+        "mlm_score.decoder.weight": (7.0, 0.01), "mlm_score.transform.dense.weight": (7.0, 0.01),
+        "mlm_score.bias": (7.0, 0.0), "itm_score.fc.weight": (7.0, 0.01), "itm_score.fc.bias": (7.0, 0.0),
+        "cross_modal_text_layers.0.attention.self.query.weight": (5.0, 0.01),
+        "cross_modal_image_link_tower.0.LayerNorm.weight": (5.0, 0.0),
+        "cross_modal_image_pooler.dense.weight": (5.0, 0.01),
+        "text_model.encoder.layer.0.attention.self.query.weight": (1.0, 0.01),
+        "vision_model.visual.transformer.resblocks.0.mlp.c_fc.weight": (1.0, 0.01),
+        "vision_model.visual.ln_post.weight": (1.0, 0.0), "token_type_embeddings.weight": (1.0, 0.01),
+    }
+    got = {n: (group_of[id(named[n])]["lr"], group_of[id(named[n])]["weight_decay"]) for n in expect}
+    assert got == expect

@@ -495,3 +495,37 @@ def test_flops_per_sample_matches_flop_counter(monkeypatch, heads, vision):
                                       out.image_embeds, out.cross_embeds) if x is not None).backward()
     assert tu.flops_per_sample(config, T, heads=heads, mlm_tokens=mlm_tokens, vision=vision) == \
         counter.get_total_flops() / B
+
+
+def test_train_step_without_clipping():
+    # grad_clip=0 (both base recipes: the original does not clip) means no clipping at all, however large the
+    # gradient: with SGD at lr 1 the update is the whole gradient, of the reported norm
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    big = lambda m, b: (lambda loss, metrics: (100 * loss, metrics))(*_loss_fn(m, b))
+    out = tu.train_step(model, _batches(1), big, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=0.0)
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert out["grad_norm"] > 10
+    assert update.norm().item() == pytest.approx(out["grad_norm"], rel=1e-5)
+
+
+def _rng_worker(rank, world_size, port, result_path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist = tu.setup_distributed("cpu")
+    torch.manual_seed(100 + rank)  # as the scripts do: seed + rank, each rank its own dropout masks
+    states = tu.gather_rng_states(dist)
+    if dist.is_master:
+        torch.save(states, result_path)
+    tu.cleanup_distributed()
+
+
+def test_checkpoint_keeps_each_ranks_rng_state(tmp_path):
+    # a checkpoint holds every rank's RNG state, indexed by rank, so that after a resume rank 1 continues its own
+    # stream of dropout masks, not a copy of rank 0's
+    mp.spawn(_rng_worker, args=(2, _free_port(), str(tmp_path / "rng.pt")), nprocs=2)
+    states = torch.load(tmp_path / "rng.pt", weights_only=False)
+    assert len(states) == 2
+    for rank, state in enumerate(states):
+        assert torch.equal(state["torch"], torch.Generator().manual_seed(100 + rank).get_state()), rank

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import finetune_vqa as fv
+import train_utils as tu
 from conftest import assert_same_final_weights, eval_line, kill_after_first_checkpoint, run_script, train_lines
+from model import BridgeTower, BridgeTowerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -496,7 +498,8 @@ def vqa_train_lines(run_dir):
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
-    args = TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=8", "--test_split="]
+    # dropout on: the resumed run must draw the masks the uninterrupted one drew (the checkpoint's RNG states)
+    args = TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=8", "--test_split=", "--dropout=0.1"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     full_stdout = run_vqa(args + [f"--out_dir={full}"])
 
@@ -633,3 +636,31 @@ def test_finetuned_head_follows_the_answer_vocabulary(tmp_path, monkeypatch, cap
     os.remove(tmp_path / "ft" / "answers.json")
     with pytest.raises(CheckpointError, match="vqa_classifier.*\n.*no answers.json"):
         fv.build_model(str(tmp_path / "ft"), 300, ["a", "b", "c"])
+
+
+def test_optimizer_multipliers_follow_the_recipe(monkeypatch):
+    # the original's VQA multipliers: the VQA head x50, every cross_modal* parameter x5, the towers x1; swapping
+    # the two settings would give the new head a tenth of its learning rate
+    monkeypatch.setattr(fv, "lr_mult_heads", 50.0)
+    monkeypatch.setattr(fv, "lr_mult_cross_modal", 5.0)
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, heads=("vqa",),
+                                                 num_vqa_answers=7))
+    optimizer = fv.make_optimizer(model, torch.device("cpu"))
+    tu.set_lr(optimizer, 1.0, 1.0)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expect = {"vqa_classifier.0.weight": 50.0, "vqa_classifier.1.weight": 50.0, "vqa_classifier.3.bias": 50.0,
+              "cross_modal_text_pooler.dense.weight": 5.0, "cross_modal_image_layers.0.output.dense.weight": 5.0,
+              "text_model.embeddings.word_embeddings.weight": 1.0, "vision_model.visual.ln_pre.bias": 1.0}
+    assert {n: lr_of[id(named[n])] for n in expect} == expect
+
+
+def test_learning_rate_schedule_of_a_run(tiny_run):
+    # LEARN: 200 steps, lr 3e-4, warmup_ratio 0.06 -> 12 warmup steps over the *run's* steps (not an epoch's),
+    # then linear to 0 at step 200. The record of step s (1-based) holds the lr its update used: step s - 1's.
+    lrs = {step: line["lr"] for step, line in train_lines(tiny_run["run"], ("lr",)).items()}
+    assert lrs[1] == pytest.approx(3e-4 / 12)       # (0 + 1) / 12
+    assert lrs[6] == pytest.approx(3e-4 * 6 / 12)
+    assert lrs[12] == lrs[13] == pytest.approx(3e-4)   # the end of warmup, then the start of the decay (188 steps)
+    assert lrs[107] == pytest.approx(3e-4 * (200 - 106) / 188)
+    assert lrs[200] == pytest.approx(3e-4 / 188)
