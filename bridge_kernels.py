@@ -773,7 +773,7 @@ def attention_ref(q, k, v, key_mask=None, dropout_p=0.0, dropout_mask=None):
 BACKENDS = ("auto", "triton", "torch")
 
 # Which kernels auto may send to Triton on a CUDA GPU. A fused kernel is the default only where the benchmark
-# (`python bridge_kernels.py`, README's Benchmarks) has shown it faster there; its last lines print this table as
+# (`python bridge_kernels.py`, README's Benchmarks) has shown it faster there; its last line prints this table as
 # measured. add + LayerNorm must beat F.layer_norm(a + b) and its torch.compile, which nothing has measured yet
 # (no GPU so far), so it stays off until then. Attention is on, as issue #3 asks, until a measured loss turns it
 # off; masked and unmasked calls apart, since without a mask SDPA has its own flash kernel to compete with.
