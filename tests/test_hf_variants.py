@@ -5,6 +5,7 @@ and gradients, and clear errors on HF flags that model.py does not support.
 
 import pytest
 import torch
+import torch.nn as nn
 import transformers as T
 
 from model import BridgeTower, BridgeTowerConfig, CheckpointError, contrastive_loss
@@ -252,3 +253,12 @@ def test_a_row_with_nothing_to_attend_to_is_an_error():
     mask[1] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] are all 0"):
         ours(ids, attention_mask=mask, pixel_values=pixels)
+
+
+def test_every_layer_norm_takes_the_eps_of_the_hf_config(tmp_path):
+    # at eps 1e-6 transformers runs every LayerNorm, the cross layers (built from text_config) included, at 1e-6;
+    # 1e-5 instead changes outputs too little for the parity tests to see, so compare the eps themselves
+    hf = T.BridgeTowerForImageAndTextRetrieval(hf_config(**VARIANTS["eps_and_pad_id"]))
+    assert {m.eps for m in hf.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
+    ours = BridgeTower.from_pretrained(saved(hf, tmp_path))
+    assert {m.eps for m in ours.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}

@@ -742,3 +742,28 @@ def test_itc_temperature_starts_at_clips():
     # logit_scale holds its log, so the similarities are scaled by 1 / 0.07 at the start, not by e^(1/0.07)
     model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=120, image_size=32, heads=("itc",)))
     assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-4)
+
+
+def test_vision_encoder_from_hf_clip_with_trained_layer_norms(tmp_path):
+    # a fresh CLIP's LayerNorms are all weight 1, bias 0, so a swapped rename (layer_norm1 <-> layer_norm2,
+    # pre_layrnorm <-> post_layernorm) loads unseen: give every LayerNorm its own values, as trained CLIP has
+    torch.manual_seed(9)
+    clip = T.CLIPVisionModel(clip_vision_config()).eval()
+    with torch.no_grad():
+        for m in clip.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    ours = BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB),
+                                     vision_path=saved(clip, tmp_path))
+    check_vision(ours.eval(), clip, torch.randn(2, 3, 64, 64))
+
+
+def test_save_pretrained_keeps_the_two_eps_apart(tmp_path):
+    # an original checkpoint's model: LayerNorms at 1e-5, cross layers at BERT's 1e-12. transformers has one eps,
+    # which must be the 1e-5 of its text layers, CLIP and first cross inputs; our own field gives the 1e-12 back
+    config = BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, cross_layer_norm_eps=1e-12)
+    BridgeTower(config).save_pretrained(tmp_path / "ours")
+    hf = T.BridgeTowerConfig.from_pretrained(tmp_path / "ours")
+    assert hf.layer_norm_eps == hf.text_config.layer_norm_eps == hf.vision_config.layer_norm_eps == 1e-5
+    assert BridgeTower.from_pretrained(tmp_path / "ours").config == config

@@ -664,3 +664,10 @@ def test_learning_rate_schedule_of_a_run(tiny_run):
     assert lrs[12] == lrs[13] == pytest.approx(3e-4)   # the end of warmup, then the start of the decay (188 steps)
     assert lrs[107] == pytest.approx(3e-4 * (200 - 106) / 188)
     assert lrs[200] == pytest.approx(3e-4 / 188)
+
+
+def test_submission_pairs_each_question_with_its_answer():
+    # predictions come in the order the ranks answered them, not by question id; the submission lists
+    # each id with its own answer, sorted by id
+    assert fv.results_json({7: "two", 3: "yes", 5: "red"}) == [
+        {"question_id": 3, "answer": "yes"}, {"question_id": 5, "answer": "red"}, {"question_id": 7, "answer": "two"}]
