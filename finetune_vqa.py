@@ -5,6 +5,7 @@ Fine-tune BridgeTower on VQAv2 and score it with the official VQA accuracy.
     python finetune_vqa.py --resume                          # continue a killed run from out_dir/ckpt.pt (none: start)
     torchrun --nproc_per_node=8 finetune_vqa.py config/finetune_vqa_base.py    # the paper's recipe
     python finetune_vqa.py --predict --image=cat.jpg --question="what is this?" [--checkpoint=out/vqa/final]
+    python finetune_vqa.py --eval_only --init_from=out/vqa/final --out_dir=out/vqa_eval   # score a model as it is
 
 The demo and the real data take the same path: the synthetic set is written to disk in the VQAv2 JSON schema
 with COCO-named JPEG files (out/vqa_synthetic), then read back by the VQAv2 reader. The run directory gets
@@ -45,6 +46,8 @@ eval_interval = 0            # steps between evaluations on eval_split (0: only 
 ckpt_interval = 100          # steps between checkpoints (0: only at the end)
 resume = False               # continue from out_dir/ckpt.pt, with the run's settings where none are given; with
                              # no checkpoint there, start a new run (one command for a job that may be pre-empted)
+eval_only = False            # no training: score init_from as it is (our final/, or an original fine-tuned .ckpt) on
+                             # eval_split and write test_split's submission, with the answers its head was trained on
 # initialisation
 init_from = "auto"           # BridgeTower checkpoint (HF dir, original .ckpt, our dir); "auto": the pre-training
                              # demo's out/pretrain/final if it exists, else random weights of model_size
@@ -669,6 +672,31 @@ def reindex_vqa_head(model, head_answers, answers, source):
           "the checkpoint's answers dropped")
 
 
+def load_for_eval(init_path, root):
+    """--eval_only: (model, answers), the fine-tuned model at init_path as it is and the answers its head scores,
+    row by row: its answers.json (a model this script fine-tuned), else the vocabulary rebuilt from vocab_splits
+    as the original builds it (an original fine-tuned .ckpt). Nothing is initialised or re-indexed."""
+    if not init_path:
+        raise ValueError("--eval_only scores a fine-tuned model: give --init_from=, the final/ of a finetune_vqa.py "
+                         "run or an original fine-tuned .ckpt (BridgeTower_ftfpt_base_vqav2.ckpt)")
+    answers_file = os.path.join(init_path, "answers.json")
+    if os.path.isfile(answers_file):
+        with open(answers_file) as f:
+            answers, source = json.load(f), answers_file
+    else:
+        answers = answer_vocabulary(root)
+        source = f"the vocabulary of {vocab_splits} (min_answer_count {min_answer_count})"
+    # the position table is interpolated to image_size, as for fine-tuning (a released VQA .ckpt is at 576)
+    model = BridgeTower.from_pretrained(init_path, image_size=image_size)
+    if "vqa" not in model.config.heads:
+        raise ValueError(f"--eval_only: {init_path} has no VQA head (it has {model.config.heads}): --init_from must "
+                         "be a model fine-tuned on VQA")
+    if model.config.num_vqa_answers != len(answers):
+        raise ValueError(f"--eval_only: the VQA head of {init_path} scores {model.config.num_vqa_answers} answers, "
+                         f"{source} has {len(answers)}: they do not belong together")
+    return model, answers
+
+
 def make_optimizer(model, device):
     groups = tu.param_groups(model, weight_decay, {"vqa_classifier": lr_mult_heads,
                                                    "cross_modal": lr_mult_cross_modal})
@@ -795,6 +823,8 @@ def main():
     given = set()
     config = tu.configure(globals(), given=given)
     if resume:
+        if eval_only:
+            raise ValueError("--eval_only trains nothing, so there is no run to --resume")
         config = tu.take_run_settings(globals(), out_dir, given, "finetune_vqa")
     tu.check_settings(config, **tu.TRAINING_RULES, epochs=tu.POSITIVE, image_size=tu.POSITIVE,
                       synthetic_images=tu.POSITIVE, min_answer_count=tu.POSITIVE, eval_holdout=tu.NOT_NEGATIVE,
@@ -810,14 +840,21 @@ def main():
     accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     if dist.is_master:
         tu.lock_out_dir(out_dir)
+    if eval_only and any(os.path.exists(os.path.join(out_dir, name)) for name in (tu.CKPT_NAME, "final")):
+        raise FileExistsError(f"{out_dir} holds a training run, whose metrics.jsonl and results --eval_only would "
+                              "write over: give it an --out_dir of its own")
     tu.check_out_dir(out_dir, resume)
     root, image_dir = prepare_data(dist)
 
-    # the answer vocabulary: from the annotations, or from the checkpoint when resuming (it must not move)
+    # the answer vocabulary: from the annotations, from the checkpoint when resuming (it must not move), or the
+    # one the model's head scores when it is only evaluated
     ckpt = tu.load_latest_checkpoint(out_dir, "finetune_vqa", dist=dist) if resume else None
+    init_path = resolve_init()
     if ckpt is not None:  # every rank checks the settings, before anything is built from them
         message = tu.resume_message(out_dir, ckpt["step"], ckpt["config"], config, fixed=resume_fixed(ckpt["config"]))
         answers = ckpt["answers"]
+    elif eval_only:
+        model, answers = load_for_eval(init_path, root)
     else:
         answers = answer_vocabulary(root)
     answer_to_label = {a: i for i, a in enumerate(answers)}
@@ -827,14 +864,20 @@ def main():
     if not train_items:
         raise ValueError(f"none of the questions of {train_splits} has an answer in the vocabulary ({dropped} "
                          "dropped)")
+    # also read by --eval_only: the training majority answer answers unreadable images and is the baseline
     majority = majority_answer(train_annotations)
+    if eval_split:
+        eval_questions, eval_annotations = load_eval_set(root, image_dir, held_out)
+        check_image_root(eval_questions)
+    if test_split:  # read now, so that a missing file or image folder stops the run before training, not after
+        test_questions = load_questions(root, test_split, image_dir)
+        check_image_root(test_questions)
     if dist.is_master:
         print(f"data: {root} | {len(answers)} answers (seen >= {min_answer_count}x) | {len(train_items)} training "
               f"questions from {train_splits}, {dropped} dropped (no answer in the vocabulary)")
         os.makedirs(out_dir, exist_ok=True)
         _write_json(os.path.join(out_dir, "answers.json"), answers)
 
-    init_path = resolve_init()
     # checkpoints keep what "auto" found: a resume takes this run's tokenizer, whatever out/pretrain holds by then
     config["init_from"] = init_path
     tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_path)
@@ -842,23 +885,60 @@ def main():
     if ckpt is not None:
         model = tu.model_from_checkpoint(ckpt, dist)
         weights_from = os.path.join(out_dir, tu.CKPT_NAME)
-    else:
+    elif not eval_only:  # (eval_only: loaded with its answers above)
         if resume and dist.is_master:
             print(f"resume: no checkpoint in {out_dir}, starting from scratch")
         model = build_model(init_path, tokenizer.vocab_size, answers)
         weights_from = init_path or "random weights"
     tu.check_tokenizer_fits(tokenizer, tok_dir, model.config)
     model.to(dist.device)
+    autocast = tu.autocast(dist.device, dtype)
+    logger = tu.MetricLogger(out_dir, dist.is_master,
+                             resume=(ckpt["step"], ckpt.get("metrics_size")) if ckpt is not None else None)
+
+    def predict_and_score(model, step, scored):
+        """test_split's submission file, and eval_split's predictions, accuracy and summary, in out_dir. scored:
+        where the model's weights are, for the summary."""
+        if test_split:
+            predictions = predict_answers(model, test_questions, answers, tokenizer, dist, majority, autocast)
+            if dist.is_master:
+                path = os.path.join(out_dir, f"results_{test_split}.json")
+                _write_json(path, results_json(predictions))
+                print(f"wrote {path}: {len(predictions)} answers for submission")
+        if eval_split:
+            predictions, result, baseline = evaluate(model, eval_questions, eval_annotations, answers, tokenizer,
+                                                     dist, autocast, majority)
+            if dist.is_master:
+                _write_json(os.path.join(out_dir, f"results_{eval_split}.json"), results_json(predictions))
+                summary = {"split": eval_split, "questions": len(eval_annotations), "overall": result["overall"],
+                           "perAnswerType": result["perAnswerType"], "majority_answer": majority,
+                           "majority_overall": baseline, "steps": step, "model": scored}
+                _write_json(os.path.join(out_dir, f"eval_{eval_split}.json"), summary)
+                logger.log(step, kind="eval", vqa_acc=result["overall"] / 100, majority_acc=baseline / 100)
+                per_type = sorted(result["perAnswerType"].items())
+                types = " ".join(f"{t.replace('/', '')}_acc={v / 100:.2f}" for t, v in per_type)
+                print(f"{eval_split}: VQA accuracy {result['overall']:.2f} ({len(eval_annotations)} questions) | per "
+                      f"type {result['perAnswerType']} | majority answer {majority!r}: {baseline:.2f}")
+                print(f"eval: vqa_acc={result['overall'] / 100:.2f} majority_acc={baseline / 100:.2f} {types} "
+                      f"questions={len(eval_annotations)} time_s={time.time() - t_start:.0f}", flush=True)
+
+    if eval_only:  # the model as it is: nothing is trained, and nothing but the predictions is written
+        if dist.is_master:
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"model {n_params / 1e6:.2f}M parameters from {init_path} at {image_size}px, scored as it is "
+                  f"(--eval_only) | {dist.world_size} process(es) | device {dist.device}")
+        predict_and_score(model, 0, init_path)
+        return tu.cleanup_distributed()
+
     optimizer = make_optimizer(model, dist.device)
     steps_per_epoch = len(train_items) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_items)} training questions do not fill one batch of {batch_size}")
     total_steps = max_steps or epochs * steps_per_epoch
-    step, skipped, metrics_resume = 0, 0, None
+    step, skipped = 0, 0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, skipped = ckpt["step"], ckpt.get("skipped", 0)
-        metrics_resume = (step, ckpt.get("metrics_size"))
         tu.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_master:
             print(message)
@@ -871,20 +951,12 @@ def main():
         model = torch.compile(model)
     if dist.world_size > 1:
         model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    autocast = tu.autocast(dist.device, dtype)
     loss_fn = lambda m, b: vqa_loss(m, b, dist.device, autocast)
 
     dataset = VQADataset(train_items, train_transform(image_size, scale=crop_scale, randaugment=randaugment),
                          len(answers))
     loader = iter(make_loader(dataset, micro_batch_schedule(len(train_items), step, accum, dist), tokenizer,
                               dist.device))
-    if eval_split:
-        eval_questions, eval_annotations = load_eval_set(root, image_dir, held_out)
-        check_image_root(eval_questions)
-    if test_split:  # read now, so that a missing file or image folder stops the run before training, not after
-        test_questions = load_questions(root, test_split, image_dir)
-        check_image_root(test_questions)
-    logger = tu.MetricLogger(out_dir, dist.is_master, resume=metrics_resume)
     warmup_steps = int(warmup_ratio * total_steps)
     cfg = raw_model.config
     # questions are padded to the longest in the batch, so max_text_len overstates the FLOPs (MFU is an upper bound)
@@ -952,27 +1024,7 @@ def main():
         _write_json(os.path.join(final_dir, "answers.json"), answers)
         tu.copy_tokenizer(tok_dir, final_dir)
         print(f"saved {final_dir} | {step} steps, training {train_time:.0f}s")
-    if test_split:
-        predictions = predict_answers(raw_model, test_questions, answers, tokenizer, dist, majority, autocast)
-        if dist.is_master:
-            path = os.path.join(out_dir, f"results_{test_split}.json")
-            _write_json(path, results_json(predictions))
-            print(f"wrote {path}: {len(predictions)} answers for submission")
-    if eval_split:
-        predictions, result, baseline = evaluate(raw_model, eval_questions, eval_annotations, answers, tokenizer,
-                                                 dist, autocast, majority)
-        if dist.is_master:
-            _write_json(os.path.join(out_dir, f"results_{eval_split}.json"), results_json(predictions))
-            summary = {"split": eval_split, "questions": len(eval_annotations), "overall": result["overall"],
-                       "perAnswerType": result["perAnswerType"], "majority_answer": majority,
-                       "majority_overall": baseline, "steps": step}
-            _write_json(os.path.join(out_dir, f"eval_{eval_split}.json"), summary)
-            logger.log(step, kind="eval", vqa_acc=result["overall"] / 100, majority_acc=baseline / 100)
-            types = " ".join(f"{t.replace('/', '')}_acc={v / 100:.2f}" for t, v in sorted(result["perAnswerType"].items()))
-            print(f"{eval_split}: VQA accuracy {result['overall']:.2f} ({len(eval_annotations)} questions) | per type "
-                  f"{result['perAnswerType']} | majority answer {majority!r}: {baseline:.2f}")
-            print(f"eval: vqa_acc={result['overall'] / 100:.2f} majority_acc={baseline / 100:.2f} {types} "
-                  f"questions={len(eval_annotations)} time_s={time.time() - t_start:.0f}", flush=True)
+    predict_and_score(raw_model, step, os.path.join(out_dir, "final"))
     tu.cleanup_distributed()
 
 
@@ -980,5 +1032,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted" + ("" if predict else ": --resume continues from the last checkpoint (the last "
-                                                       "'checkpoint:' line above)"))
+        sys.exit("\ninterrupted" + ("" if predict or eval_only else
+                                     ": --resume continues from the last checkpoint (the last 'checkpoint:' line above)"))

@@ -394,6 +394,70 @@ def test_predict_on_saved_checkpoint(tiny_run):
         assert fv.predict_top(model, tokenizer, vocab, q["image"], q["question"], k=1)[0][0] == submitted[q["question_id"]]
 
 
+def test_eval_only_scores_a_finetuned_model_as_it_is(tiny_run, tmp_path):
+    run, synthetic = tiny_run["run"], tiny_run["synthetic"]
+    data = [f"--synthetic_dir={synthetic}", "--synthetic_images=200", "--image_size=32", "--num_workers=0"]
+    read = lambda d, name: json.load(open(os.path.join(d, name)))
+    # the run's final/ with its answers.json: the predictions and accuracy the run itself ended with
+    scored = str(tmp_path / "scored")
+    stdout = run_vqa(data + ["--eval_only", f"--init_from={run}/final", f"--out_dir={scored}"])
+    assert eval_line(stdout)["vqa_acc"] == eval_line(tiny_run["stdout"])["vqa_acc"]
+    for name in ("results_val2014.json", "results_test2015.json"):
+        assert read(scored, name) == read(run, name), name
+    summary, run_summary = read(scored, "eval_val2014.json"), read(run, "eval_val2014.json")
+    assert summary["overall"] == run_summary["overall"] and summary["perAnswerType"] == run_summary["perAnswerType"]
+    assert (summary["steps"], summary["model"]) == (0, f"{run}/final")
+    assert not {"ckpt.pt", "final"} & set(os.listdir(scored))  # nothing trained, nothing saved
+    # the same weights as an original fine-tuned .ckpt, which has no answers.json: its head's rows are the
+    # vocabulary rebuilt from the annotations in the original's order. (The .ckpt's head count is inferred as
+    # hidden_size // 64, 2 here where the run had 4, so its predictions are another model's: they are compared with
+    # those of that model saved with the run's answers.json.)
+    from safetensors.torch import load_file
+    from test_model import to_original_names
+    ckpt = str(tmp_path / "BridgeTower_ftfpt_tiny_vqav2.ckpt")
+    state = {k.removeprefix("bridgetower."): v for k, v in load_file(f"{run}/final/model.safetensors").items()}
+    torch.save({"state_dict": to_original_names(state)}, ckpt)
+    model = BridgeTower.from_pretrained(ckpt)
+    assert "vqa" in model.config.heads and model.config.num_heads == 2
+    model.save_pretrained(str(tmp_path / "as_dir"))
+    shutil.copy(f"{run}/final/answers.json", tmp_path / "as_dir")
+    for init, out in ((ckpt, "from_ckpt"), (str(tmp_path / "as_dir"), "from_dir")):
+        run_vqa(data + ["--eval_only", f"--init_from={init}", f"--tokenizer_dir={run}/final", f"--out_dir={tmp_path / out}"])
+    from_ckpt = read(tmp_path / "from_ckpt", "results_val2014.json")
+    assert from_ckpt == read(tmp_path / "from_dir", "results_val2014.json")
+    assert len({r["answer"] for r in from_ckpt}) >= 3  # a head order mistake would show
+
+
+def test_eval_only_refuses_what_it_cannot_score(tiny_run, tmp_path, monkeypatch):
+    synthetic = tiny_run["synthetic"]
+    monkeypatch.setattr(fv, "image_size", 32)
+    with pytest.raises(ValueError, match="--eval_only scores a fine-tuned model: give --init_from="):
+        fv.load_for_eval("", synthetic)
+    # a model without a VQA head, and a head for another number of answers than its answers.json
+    config = BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, heads=("mlm", "itm"))
+    BridgeTower(config).save_pretrained(str(tmp_path / "pretrained"))
+    with pytest.raises(ValueError, match=r"pretrained has no VQA head \(it has \('mlm', 'itm'\)\)"):
+        fv.load_for_eval(str(tmp_path / "pretrained"), synthetic)
+    final = shutil.copytree(os.path.join(tiny_run["run"], "final"), str(tmp_path / "final"))
+    answers = json.load(open(os.path.join(final, "answers.json")))
+    json.dump(answers[:-1], open(os.path.join(final, "answers.json"), "w"))
+    with pytest.raises(ValueError, match=f"scores {len(answers)} answers, .*answers.json has {len(answers) - 1}"):
+        fv.load_for_eval(final, synthetic)
+    # with no answers.json the vocabulary is rebuilt from vocab_splits, here with another min_answer_count
+    os.remove(os.path.join(final, "answers.json"))
+    monkeypatch.setattr(fv, "min_answer_count", 40)  # 8 of the 18 answers
+    with pytest.raises(ValueError, match=r"the vocabulary of train2014,val2014 \(min_answer_count 40\) has 8"):
+        fv.load_for_eval(final, synthetic)
+    # a training run's out_dir would lose its metrics.jsonl; --resume has nothing to continue
+    args = [f"--synthetic_dir={synthetic}", "--synthetic_images=200", "--image_size=32", "--eval_only",
+            f"--init_from={tiny_run['run']}/final"]
+    for extra, message in (([f"--out_dir={tiny_run['run']}"], "holds a training run, whose metrics.jsonl"),
+                           ([f"--out_dir={tmp_path / 'e'}", "--resume"], "--eval_only trains nothing")):
+        out = subprocess.run([sys.executable, SCRIPT, *args, *extra], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
 # -----------------------------------------------------------------------------
 # unreadable images: skipped and counted, never fatal
 
