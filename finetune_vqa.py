@@ -837,7 +837,8 @@ def main():
     if dist.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     t_start = time.time()
-    accum = tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
+    # (--eval_only uses micro_batch_size only: 2x per rank and batch)
+    accum = None if eval_only else tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     if dist.is_master:
         tu.lock_out_dir(out_dir)
     if eval_only and any(os.path.exists(os.path.join(out_dir, name)) for name in (tu.CKPT_NAME, "final")):

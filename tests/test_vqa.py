@@ -408,6 +408,13 @@ def test_eval_only_scores_a_finetuned_model_as_it_is(tiny_run, tmp_path):
     assert summary["overall"] == run_summary["overall"] and summary["perAnswerType"] == run_summary["perAnswerType"]
     assert (summary["steps"], summary["model"]) == (0, f"{run}/final")
     assert not {"ckpt.pt", "final"} & set(os.listdir(scored))  # nothing trained, nothing saved
+    # on two processes (each answers its share of the questions; rank 0 writes the union), whatever batch_size says
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *data,
+           "--eval_only", f"--init_from={run}/final", f"--out_dir={tmp_path / 'two'}", "--micro_batch_size=24"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for name in ("results_val2014.json", "results_test2015.json"):
+        assert read(tmp_path / "two", name) == read(run, name), name
     # the same weights as an original fine-tuned .ckpt, which has no answers.json: its head's rows are the
     # vocabulary rebuilt from the annotations in the original's order. (The .ckpt's head count is inferred as
     # hidden_size // 64, 2 here where the run had 4, so its predictions are another model's: they are compared with
