@@ -837,7 +837,7 @@ def main():
     if dist.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     t_start = time.time()
-    # (--eval_only uses micro_batch_size only: 2x per rank and batch)
+    # --eval_only trains nothing, so batch_size does not apply (it scores 2 x micro_batch_size questions at a time)
     accum = None if eval_only else tu.accumulation_steps(batch_size, micro_batch_size, dist.world_size)
     if dist.is_master:
         tu.lock_out_dir(out_dir)
@@ -1033,5 +1033,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted" + ("" if predict or eval_only else
-                                     ": --resume continues from the last checkpoint (the last 'checkpoint:' line above)"))
+        resumable = not (predict or eval_only)
+        sys.exit("\ninterrupted" + (": --resume continues from the last checkpoint (the last 'checkpoint:' line "
+                                     "above)" if resumable else ""))

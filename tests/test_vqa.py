@@ -429,7 +429,8 @@ def test_eval_only_scores_a_finetuned_model_as_it_is(tiny_run, tmp_path):
     model.save_pretrained(str(tmp_path / "as_dir"))
     shutil.copy(f"{run}/final/answers.json", tmp_path / "as_dir")
     for init, out in ((ckpt, "from_ckpt"), (str(tmp_path / "as_dir"), "from_dir")):
-        run_vqa(data + ["--eval_only", f"--init_from={init}", f"--tokenizer_dir={run}/final", f"--out_dir={tmp_path / out}"])
+        run_vqa(data + ["--eval_only", f"--init_from={init}", f"--tokenizer_dir={run}/final",
+                        f"--out_dir={tmp_path / out}"])
     from_ckpt = read(tmp_path / "from_ckpt", "results_val2014.json")
     assert from_ckpt == read(tmp_path / "from_dir", "results_val2014.json")
     assert len({r["answer"] for r in from_ckpt}) >= 3  # a head order mistake would show
