@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of this project, in one run of at most 9 min 20 s (the sum of the step limits)
+# Every GPU check and benchmark of this project, in one run of at most 9 min 40 s (the sum of the step limits)
 # on one GPU.
 #
 #   bash gpu_checks.sh              # logs in gpu_logs/ (or in $OUT when that is set)
@@ -10,7 +10,9 @@
 #    runs them at, which also leaves them compiled in Triton's cache for step 2
 #                                                                      -> kernels.txt
 # 2. base pre-training steps (bf16, 288 px, micro-batch 32, dropout 0.1): Triton kernels, then PyTorch's,
-#    samples/s and MFU                                                 -> pretrain_triton.txt, pretrain_torch.txt
+#    samples/s and MFU; then one step under torch.profiler: the share of it the GPU was busy (low: the host's
+#    launches hold it back) and the top kernels (which SDPA backend the masked calls take, the Triton kernels'
+#    share)                                                            -> pretrain_triton.txt, pretrain_torch.txt
 # 3. the kernel test suite compiled on CUDA (BRIDGETOWER_TEST_DEVICE=cuda, what test_on_gpu runs, here with its
 #    output streamed, so that a timeout still shows how far it got), last: its compile time is the least known
 #                                                                      -> gpu_tests.txt
@@ -46,9 +48,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to NAME.txt
 # (forward, backward) over their configs at four shapes (each compile about 1 s in bf16 for sm_90 with triton 3.9 on
 # the 2-core development CPU) that step 2 then finds compiled and tuned: 20 s moved from step 2 to step 1. The benchmark's `# wall time` line gives each part's time, for the next rebalancing.
 step kernels 220 python3 bridge_kernels.py --dtype bf16 --batch 32
-pretrain=(python3 pretrain.py config/pretrain_base.py --bench --bench_steps=6 --micro_batch_size=32 --batch_size=32)
-BRIDGETOWER_KERNELS=triton step pretrain_triton 100 "${pretrain[@]}"  # the first step autotunes the kernels
-BRIDGETOWER_KERNELS=torch step pretrain_torch 80 "${pretrain[@]}"
+pretrain=(python3 pretrain.py config/pretrain_base.py --bench --bench_steps=6 --micro_batch_size=32 --batch_size=32
+          --bench_profile=True)  # the profiled step comes last: 10 s allowed for it in each limit
+BRIDGETOWER_KERNELS=triton step pretrain_triton 110 "${pretrain[@]}"  # the first step autotunes the kernels
+BRIDGETOWER_KERNELS=torch step pretrain_torch 90 "${pretrain[@]}"
 # the sm_80/sm_90 compile test runs in CI already
 # one small config for every kernel: the tests check values, and tuning (or compiling the large fp32 tiles) for each of
 # the ~70 variants they build would not fit the limit; step 1 checked the tuned configs on BridgeTower's shapes

@@ -26,8 +26,10 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import ProfilerActivity, profile
 
 import train_utils as tu
 from data import ImageProcessor, build_pretrain_loader, parse_sources, spec_shards, validation_spec
@@ -83,6 +85,7 @@ cpu_threads = 1              # torch threads per process on CPU (0: torch's defa
 seed = 0
 bench = False                # time bench_steps steps on random tensors instead of training
 bench_steps = 10
+bench_profile = False        # --bench: then one more step under torch.profiler: how busy it kept the GPU, top kernels
 # -----------------------------------------------------------------------------
 
 HEADS = ("mlm", "itm")
@@ -411,8 +414,38 @@ def run_bench(dist):
     if dist.is_master:
         mfu = f" mfu={flops / dt / (peak * dist.world_size):.3f}" if peak else ""
         print(f"bench: median ms/step={dt * 1e3:.0f} samples/s={batch_size / dt:.2f} "
-              f"samples/s/process={batch_size / dt / dist.world_size:.2f}{mfu}")
+              f"samples/s/process={batch_size / dt / dist.world_size:.2f}{mfu}", flush=True)
+    if bench_profile:  # after the figures, which a failure here cannot then lose
+        profile_step(lambda: tu.train_step(model, batches, loss_fn, optimizer, grad_clip, dist), dist)
     tu.cleanup_distributed()
+
+
+def profile_step(step, dist, top=12):
+    """Run step() once under torch.profiler and print where its time went. On a GPU: the share of the step's wall
+    time the GPU was busy (kernels and copies; well below 100 % means the host's kernel launches or its syncs keep it
+    waiting, and larger micro-batches or CUDA graphs would help) and the kernels that took longest. On a CPU: the
+    operators that took longest (their own time, not their callees'). Every rank runs it (DDP's all-reduce)."""
+    cuda = dist.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.time()
+        step()
+        sync()
+        wall = time.time() - t0
+    events = prof.key_averages()
+    if cuda:  # kernels and copies, which run one at a time on the one stream, so their times add up
+        timed = [(e.self_device_time_total, e) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        timed = [(e.self_cpu_time_total, e) for e in events]
+    total = sum(t for t, _ in timed) / 1e6  # seconds
+    if not dist.is_master:
+        return
+    where = f"the GPU busy for {total * 1e3:.0f} ms ({total / wall:.0%})" if cuda else "operators' own time"
+    print(f"profile: one step {wall * 1e3:.0f} ms under the profiler, {where}; the top {top}:")
+    for t, e in sorted(timed, key=lambda x: -x[0])[:top]:
+        print(f"profile: {t / 1e3:9.1f} ms {t / 1e6 / total:6.1%} {e.count:6d} x {e.key[:100]}")
 
 
 if __name__ == "__main__":

@@ -282,6 +282,19 @@ def test_bench_mode():
     assert out.strip().splitlines()[-1].startswith("bench: median ms/step=")
 
 
+def test_bench_profile_shows_where_a_step_went():
+    # on the CPU: the operators with the most time of their own, largest first, after the timed figures
+    out = _run(["--bench", "--bench_steps=1", "--bench_profile=True", "--image_size=32", "--batch_size=2",
+                "--micro_batch_size=2", "--max_text_len=8"])
+    lines = out.strip().splitlines()
+    median = [i for i, line in enumerate(lines) if line.startswith("bench: median ms/step=")]
+    rows = [line.split() for line in lines if line.startswith("profile: ") and " x " in line]
+    assert median and lines[median[0] + 1].startswith("profile: one step") and len(rows) == 12
+    ms, shares = [float(r[1]) for r in rows], [float(r[3].rstrip("%")) for r in rows]
+    assert ms == sorted(ms, reverse=True) and 0 < sum(shares) <= 100.1
+    assert "aten::mm" in {r[-1] for r in rows}  # the model's matmuls (the linear layers without a bias fused)
+
+
 # -----------------------------------------------------------------------------
 # the demo learns: the default configuration, fewer steps, held-out accuracies well above chance
 
