@@ -442,6 +442,9 @@ def profile_step(step, dist, top=12):
     total = sum(t for t, _ in timed) / 1e6  # seconds
     if not dist.is_master:
         return
+    if total == 0:  # e.g. no CUPTI, which records the GPU's activity
+        print(f"profile: one step {wall * 1e3:.0f} ms under the profiler, which recorded no time")
+        return
     where = f"the GPU busy for {total * 1e3:.0f} ms ({total / wall:.0%})" if cuda else "operators' own time"
     print(f"profile: one step {wall * 1e3:.0f} ms under the profiler, {where}; the top {top}:")
     for t, e in sorted(timed, key=lambda x: -x[0])[:top]:
