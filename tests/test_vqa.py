@@ -743,3 +743,23 @@ def test_submission_pairs_each_question_with_its_answer():
     # each id with its own answer, sorted by id
     assert fv.results_json({7: "two", 3: "yes", 5: "red"}) == [
         {"question_id": 3, "answer": "yes"}, {"question_id": 5, "answer": "red"}, {"question_id": 7, "answer": "two"}]
+
+
+def test_two_processes_train_on_the_one_process_batches(tmp_path, tiny_run):
+    # torchrun, 2 processes x 1 micro-step of 8 against 1 process x 2 micro-steps of 8: the same global batches
+    # (micro_batch_schedule) from the same initial weights. The gradients then agree bit for bit: one process sums
+    # g0/2 + g1/2 (each loss divided by the micro-steps), DDP averages (g0 + g1)/2, and halving is exact in binary
+    # floating point. So do the steps, the weights and the answers
+    args = TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=3", "--ckpt_interval=2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_vqa(args + [f"--out_dir={one}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *args,
+           f"--out_dir={two}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 process(es) x 1 micro-steps x 8 = batch 16" in out.stdout
+    assert vqa_train_lines(two) == vqa_train_lines(one) and sorted(vqa_train_lines(two)) == [1, 2, 3]
+    assert torch.load(os.path.join(two, "ckpt.pt"), weights_only=False)["step"] == 3
+    assert_same_final_weights(one, two)
+    for name in ("results_val2014.json", "results_test2015.json"):
+        assert json.load(open(os.path.join(two, name))) == json.load(open(os.path.join(one, name))), name
