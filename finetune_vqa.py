@@ -599,7 +599,9 @@ def load_eval_set(root, image_dir, held_out):
     if eval_split in splits_of(train_splits):
         keep = held_out.get(eval_split)
         if not keep:
-            raise ValueError(f"eval_split {eval_split} is also a training split: set eval_holdout > 0")
+            hint = ("with --eval_only, train_splits only gives the majority answer: --train_splits=train2014, or "
+                    "the --eval_holdout the model was trained with" if eval_only else "set eval_holdout > 0")
+            raise ValueError(f"eval_split {eval_split} is also a training split: {hint}")
         questions = [q for q in questions if q["image_id"] in keep]
     if not questions:
         raise ValueError(f"eval_split {eval_split} has no questions to evaluate")
@@ -672,13 +674,15 @@ def reindex_vqa_head(model, head_answers, answers, source):
           "the checkpoint's answers dropped")
 
 
-def load_for_eval(init_path, root):
+def load_for_eval(init_path, root, size=None):
     """--eval_only: (model, answers), the fine-tuned model at init_path as it is and the answers its head scores,
     row by row: its answers.json (a model this script fine-tuned), else the vocabulary rebuilt from vocab_splits
-    as the original builds it (an original fine-tuned .ckpt). Nothing is initialised or re-indexed."""
+    as the original builds it (an original fine-tuned .ckpt). Nothing is initialised or re-indexed. size: the
+    image size to score at (the position table interpolated), default the model's own."""
     if not init_path:
         raise ValueError("--eval_only scores a fine-tuned model: give --init_from=, the final/ of a finetune_vqa.py "
                          "run or an original fine-tuned .ckpt (BridgeTower_ftfpt_base_vqav2.ckpt)")
+    check_not_a_run_dir(init_path, "init_from")
     answers_file = os.path.join(init_path, "answers.json")
     if os.path.isfile(answers_file):
         with open(answers_file) as f:
@@ -686,8 +690,7 @@ def load_for_eval(init_path, root):
     else:
         answers = answer_vocabulary(root)
         source = f"the vocabulary of {vocab_splits} (min_answer_count {min_answer_count})"
-    # the position table is interpolated to image_size, as for fine-tuning (a released VQA .ckpt is at 576)
-    model = BridgeTower.from_pretrained(init_path, image_size=image_size)
+    model = BridgeTower.from_pretrained(init_path, **({} if size is None else {"image_size": size}))
     if "vqa" not in model.config.heads:
         raise ValueError(f"--eval_only: {init_path} has no VQA head (it has {model.config.heads}): --init_from must "
                          "be a model fine-tuned on VQA")
@@ -777,11 +780,15 @@ def predict_top(model, tokenizer, answers, image_file, text, k=5):
     return [(answers[i], p) for i, p in zip(idx.tolist(), probs.tolist())]
 
 
-def load_finetuned(path):
-    """(model, tokenizer, answers) from a saved fine-tuned model dir."""
+def check_not_a_run_dir(path, flag):
     final = os.path.join(path, "final")
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(final, "config.json")):
-        raise FileNotFoundError(f"{path} is a run's out_dir: its fine-tuned model is --checkpoint={final}")
+        raise FileNotFoundError(f"{path} is a run's out_dir: its fine-tuned model is --{flag}={final}")
+
+
+def load_finetuned(path):
+    """(model, tokenizer, answers) from a saved fine-tuned model dir."""
+    check_not_a_run_dir(path, "checkpoint")
     if not os.path.isfile(os.path.join(path, "answers.json")):
         raise FileNotFoundError(f"no answers.json in {path}: --checkpoint must be a fine-tuned model directory, "
                                 "the final/ that finetune_vqa.py writes in its out_dir")
@@ -820,6 +827,7 @@ def evaluate(model, eval_questions, eval_annotations, answers, tokenizer, dist, 
 
 
 def main():
+    global image_size  # --eval_only without --image_size: the model's own
     given = set()
     config = tu.configure(globals(), given=given)
     if resume:
@@ -851,11 +859,13 @@ def main():
     # one the model's head scores when it is only evaluated
     ckpt = tu.load_latest_checkpoint(out_dir, "finetune_vqa", dist=dist) if resume else None
     init_path = resolve_init()
+    tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_path)
     if ckpt is not None:  # every rank checks the settings, before anything is built from them
         message = tu.resume_message(out_dir, ckpt["step"], ckpt["config"], config, fixed=resume_fixed(ckpt["config"]))
         answers = ckpt["answers"]
     elif eval_only:
-        model, answers = load_for_eval(init_path, root)
+        model, answers = load_for_eval(init_path, root, image_size if "image_size" in given else None)
+        image_size = config["image_size"] = model.config.image_size
     else:
         answers = answer_vocabulary(root)
     answer_to_label = {a: i for i, a in enumerate(answers)}
@@ -881,7 +891,6 @@ def main():
 
     # checkpoints keep what "auto" found: a resume takes this run's tokenizer, whatever out/pretrain holds by then
     config["init_from"] = init_path
-    tokenizer, tok_dir = tu.load_tokenizer(tokenizer_dir, out_dir, init_from=init_path)
     torch.manual_seed(seed)  # the same initial head on every rank (DDP also broadcasts rank 0's)
     if ckpt is not None:
         model = tu.model_from_checkpoint(ckpt, dist)

@@ -416,15 +416,17 @@ def run_bench(dist):
         print(f"bench: median ms/step={dt * 1e3:.0f} samples/s={batch_size / dt:.2f} "
               f"samples/s/process={batch_size / dt / dist.world_size:.2f}{mfu}", flush=True)
     if bench_profile:  # after the figures, which a failure here cannot then lose
-        profile_step(lambda: tu.train_step(model, batches, loss_fn, optimizer, grad_clip, dist), dist)
+        profile_step(lambda: tu.train_step(model, batches, loss_fn, optimizer, grad_clip, dist), dist, dt)
     tu.cleanup_distributed()
 
 
-def profile_step(step, dist, top=12):
-    """Run step() once under torch.profiler and print where its time went. On a GPU: the share of the step's wall
-    time the GPU was busy (kernels and copies; well below 100 % means the host's kernel launches or its syncs keep it
-    waiting, and larger micro-batches or CUDA graphs would help) and the kernels that took longest. On a CPU: the
-    operators that took longest (their own time, not their callees'). Every rank runs it (DDP's all-reduce)."""
+def profile_step(step, dist, unprofiled, top=12):
+    """Run step() once under torch.profiler and print where its time went. On a GPU: how long the GPU was busy
+    (kernels and copies), as a share of the profiled step and of the unprofiled one (`unprofiled` seconds, the
+    benchmark's median; the profiler slows the host, not the GPU); well below 100 % of the latter means the host's
+    kernel launches or its syncs keep the GPU waiting, which larger micro-batches or CUDA graphs would help. Then
+    the kernels that took longest. On a CPU: the operators that took longest (their own time, not their callees').
+    Every rank runs it (DDP's all-reduce); rank 0 prints its own."""
     cuda = dist.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -435,8 +437,11 @@ def profile_step(step, dist, top=12):
         sync()
         wall = time.time() - t0
     events = prof.key_averages()
-    if cuda:  # kernels and copies, which run one at a time on the one stream, so their times add up
-        timed = [(e.self_device_time_total, e) for e in events if e.device_type == DeviceType.CUDA]
+    if cuda:  # kernels and copies, not the GPU-side ranges of record_function (optimizer.step's, DDP's), which
+        # span kernels already counted. On one process they run one at a time on one stream, so their times add
+        # up; under DDP, NCCL's stream overlaps the compute and the sum can pass the step's time
+        timed = [(e.self_device_time_total, e) for e in events
+                 if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     else:
         timed = [(e.self_cpu_time_total, e) for e in events]
     total = sum(t for t, _ in timed) / 1e6  # seconds
@@ -445,7 +450,8 @@ def profile_step(step, dist, top=12):
     if total == 0:  # e.g. no CUPTI, which records the GPU's activity
         print(f"profile: one step {wall * 1e3:.0f} ms under the profiler, which recorded no time")
         return
-    where = f"the GPU busy for {total * 1e3:.0f} ms ({total / wall:.0%})" if cuda else "operators' own time"
+    where = (f"the GPU busy for {total * 1e3:.0f} ms ({total / wall:.0%} of it, {total / unprofiled:.0%} of the "
+             f"unprofiled {unprofiled * 1e3:.0f} ms)" if cuda else "operators' own time")
     print(f"profile: one step {wall * 1e3:.0f} ms under the profiler, {where}; the top {top}:")
     for t, e in sorted(timed, key=lambda x: -x[0])[:top]:
         print(f"profile: {t / 1e3:9.1f} ms {t / 1e6 / total:6.1%} {e.count:6d} x {e.key[:100]}")

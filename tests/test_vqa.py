@@ -396,11 +396,13 @@ def test_predict_on_saved_checkpoint(tiny_run):
 
 def test_eval_only_scores_a_finetuned_model_as_it_is(tiny_run, tmp_path):
     run, synthetic = tiny_run["run"], tiny_run["synthetic"]
-    data = [f"--synthetic_dir={synthetic}", "--synthetic_images=200", "--image_size=32", "--num_workers=0"]
+    # no --image_size: the model's own, 32 px (the default, 64, would interpolate its position table)
+    data = [f"--synthetic_dir={synthetic}", "--synthetic_images=200", "--num_workers=0"]
     read = lambda d, name: json.load(open(os.path.join(d, name)))
     # the run's final/ with its answers.json: the predictions and accuracy the run itself ended with
     scored = str(tmp_path / "scored")
     stdout = run_vqa(data + ["--eval_only", f"--init_from={run}/final", f"--out_dir={scored}"])
+    assert f"from {run}/final at 32px, scored as it is" in stdout
     assert eval_line(stdout)["vqa_acc"] == eval_line(tiny_run["stdout"])["vqa_acc"]
     for name in ("results_val2014.json", "results_test2015.json"):
         assert read(scored, name) == read(run, name), name
@@ -441,6 +443,8 @@ def test_eval_only_refuses_what_it_cannot_score(tiny_run, tmp_path, monkeypatch)
     monkeypatch.setattr(fv, "image_size", 32)
     with pytest.raises(ValueError, match="--eval_only scores a fine-tuned model: give --init_from="):
         fv.load_for_eval("", synthetic)
+    with pytest.raises(FileNotFoundError, match="is a run's out_dir: its fine-tuned model is --init_from=.*/final"):
+        fv.load_for_eval(tiny_run["run"], synthetic)
     # a model without a VQA head, and a head for another number of answers than its answers.json
     config = BridgeTowerConfig.preset("tiny", vocab_size=300, image_size=32, heads=("mlm", "itm"))
     BridgeTower(config).save_pretrained(str(tmp_path / "pretrained"))
@@ -456,6 +460,11 @@ def test_eval_only_refuses_what_it_cannot_score(tiny_run, tmp_path, monkeypatch)
     monkeypatch.setattr(fv, "min_answer_count", 40)  # 8 of the 18 answers
     with pytest.raises(ValueError, match=r"the vocabulary of train2014,val2014 \(min_answer_count 40\) has 8"):
         fv.load_for_eval(final, synthetic)
+    # an evaluation split that train_splits names: train_splits, which only gives the majority answer here, is named
+    monkeypatch.setattr(fv, "eval_only", True)
+    monkeypatch.setattr(fv, "train_splits", "train2014,val2014")
+    with pytest.raises(ValueError, match="with --eval_only, train_splits only gives the majority answer"):
+        fv.load_eval_set(synthetic, synthetic, {})
     # a training run's out_dir would lose its metrics.jsonl; --resume has nothing to continue
     args = [f"--synthetic_dir={synthetic}", "--synthetic_images=200", "--image_size=32", "--eval_only",
             f"--init_from={tiny_run['run']}/final"]
