@@ -295,6 +295,40 @@ def test_bench_profile_shows_where_a_step_went():
     assert "aten::mm" in {r[-1] for r in rows}  # the model's matmuls (the linear layers without a bias fused)
 
 
+def test_profile_on_a_gpu_counts_each_kernel_once(monkeypatch, capsys):
+    # the CUDA branch, which only a GPU reaches, on profiler events made here: kernels and copies count; CPU
+    # operators and the GPU-side ranges of record_function (optimizer.step's, DDP's: they span kernels already
+    # counted) do not
+    import types
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
+    def event(key, device, us, annotation=False, count=1):
+        return types.SimpleNamespace(key=key, device_type=device, self_device_time_total=us, count=count,
+                                     self_cpu_time_total=us if device == DeviceType.CPU else 0,
+                                     is_user_annotation=annotation)
+    events = [event("sm90_gemm_bf16", DeviceType.CUDA, 6000, count=40),
+              event("_attn_fwd_kernel", DeviceType.CUDA, 2000), event("Memcpy HtoD", DeviceType.CUDA, 500), event("aten::mm", DeviceType.CPU, 7000, count=40),
+              event("Optimizer.step#AdamW.step", DeviceType.CUDA, 9000, annotation=True)]
+
+    class Profile:
+        def __init__(self, activities):
+            assert ProfilerActivity.CUDA in activities
+        __enter__ = lambda self: self
+        __exit__ = lambda self, *exc: None
+        key_averages = lambda self: events
+    clock = iter([100.0, 100.010])  # a 10 ms step under the profiler
+    monkeypatch.setattr(pretrain, "profile", Profile)
+    monkeypatch.setattr(pretrain, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    pretrain.profile_step(lambda: None, tu.Dist(device=torch.device("cuda", 0)), unprofiled=0.0125, top=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("profile: one step 10 ms under the profiler, the GPU busy for 8 ms (85% of it, 68% of the "
+                        "unprofiled 12 ms); the top 2:")  # 8.5 ms of 10 and of 12.5
+    assert lines[1].split() == ["profile:", "6.0", "ms", "70.6%", "40", "x", "sm90_gemm_bf16"]  # 6 of 8.5 ms
+    assert lines[2].split()[1:4] == ["2.0", "ms", "23.5%"] and len(lines) == 3
+
+
 # -----------------------------------------------------------------------------
 # the demo learns: the default configuration, fewer steps, held-out accuracies well above chance
 
