@@ -530,10 +530,21 @@ class BridgeTower(nn.Module):
                                  f"{len(input_ids)} rows, got {[tuple(x.shape) for x in image_inputs]}")
             if output_hidden_states or output_attentions:
                 raise ValueError("output_hidden_states / output_attentions need pixel_values, not image_inputs")
+        # what the checks below need of the inputs' values, in one host sync. An id outside the vocabulary would
+        # otherwise fail in the embedding lookup: a bare IndexError on a CPU, a device-side assert on a GPU, which
+        # leaves the CUDA context unusable
+        V = self.config.vocab_size
+        facts = [((input_ids >= 0) & (input_ids < V)).all()]
+        if attention_mask is not None:
+            facts += [attention_mask.all(), attention_mask.any(-1).all()]
+        ids_in_vocab, *mask_facts = torch.stack(facts).tolist()
+        if not ids_in_vocab:
+            outside = input_ids[(input_ids < 0) | (input_ids >= V)].unique().tolist()
+            raise ValueError(f"input_ids holds ids outside the model's vocabulary of {V} (0..{V - 1}): {outside[:5]}; "
+                             "token ids of another tokenizer?")
         key_mask = None  # no mask at all when nothing is padded: the fastest attention path
         if attention_mask is not None:
-            # one host sync for both facts
-            unpadded, no_empty_row = torch.stack([attention_mask.all(), attention_mask.any(-1).all()]).tolist()
+            unpadded, no_empty_row = mask_facts
             if not no_empty_row:
                 # HF adds finfo.min to every score of such a row, which makes them all one value, so it attends
                 # uniformly to the padding; SDPA gives zeros. Neither means anything, so say so rather than return

@@ -262,3 +262,19 @@ def test_every_layer_norm_takes_the_eps_of_the_hf_config(tmp_path):
     assert {m.eps for m in hf.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
     ours = BridgeTower.from_pretrained(saved(hf, tmp_path))
     assert {m.eps for m in ours.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error():
+    # torch's embedding lookup would raise a bare IndexError on a CPU and a device-side assert on a GPU (after which
+    # the CUDA context is unusable); checked with the mask's facts, in the same host sync, and without a mask
+    torch.manual_seed(26)
+    ours = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("itm",))).eval()
+    ids, mask, pixels = inputs()
+    for bad, shown in ((VOCAB, VOCAB), (VOCAB + 7, VOCAB + 7), (-1, -1)):
+        wrong = ids.clone()
+        wrong[1, 2] = bad
+        for m in (mask, None):
+            with pytest.raises(ValueError, match=rf"vocabulary of {VOCAB} \(0..{VOCAB - 1}\): \[{shown}\]; token ids"):
+                ours(wrong, attention_mask=m, pixel_values=pixels)
+    ids[1, 2] = VOCAB - 1  # the last id is in
+    ours(ids, attention_mask=mask, pixel_values=pixels)
