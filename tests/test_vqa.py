@@ -440,7 +440,6 @@ def test_eval_only_scores_a_finetuned_model_as_it_is(tiny_run, tmp_path):
 
 def test_eval_only_refuses_what_it_cannot_score(tiny_run, tmp_path, monkeypatch):
     synthetic = tiny_run["synthetic"]
-    monkeypatch.setattr(fv, "image_size", 32)
     with pytest.raises(ValueError, match="--eval_only scores a fine-tuned model: give --init_from="):
         fv.load_for_eval("", synthetic)
     with pytest.raises(FileNotFoundError, match="is a run's out_dir: its fine-tuned model is --init_from=.*/final"):
