@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -664,7 +665,10 @@ class BridgeTower(nn.Module):
         or heads=("vqa",) (a requested head absent from the file is freshly initialised, a head in the file that
         is not requested is dropped; both are reported). Returns the model in train mode, like any nn.Module."""
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint (an HF directory or an original .ckpt)")
+            # a hub id such as BridgeTower/bridgetower-base-itm-mlm: transformers would download it, this reads files
+            hub = (f"; this loads local files only: download the hub repository first (huggingface-cli download {path}"
+                   " --local-dir DIR) and give DIR" if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) else "")
+            raise FileNotFoundError(f"{path}: no such checkpoint (an HF directory or an original .ckpt){hub}")
         if os.path.basename(path) in ("model.safetensors", "pytorch_model.bin", "config.json"):
             path = os.path.dirname(path) or "."  # a file of an HF directory: the directory
         if os.path.isdir(path):
