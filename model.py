@@ -666,8 +666,8 @@ class BridgeTower(nn.Module):
         is not requested is dropped; both are reported). Returns the model in train mode, like any nn.Module."""
         if not os.path.exists(path):
             # a hub id such as BridgeTower/bridgetower-base-itm-mlm: transformers would download it, this reads files
-            hub = (f"; this loads local files only: download the hub repository first (hf download {path}"
-                   " --local-dir DIR) and give DIR" if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) else "")
+            hub = (f"; if it is a hub id, note that this loads local files only: download it first (hf download "
+                   f"{path} --local-dir DIR) and give DIR" if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) else "")
             raise FileNotFoundError(f"{path}: no such checkpoint (an HF directory or an original .ckpt){hub}")
         if os.path.basename(path) in ("model.safetensors", "pytorch_model.bin", "config.json"):
             path = os.path.dirname(path) or "."  # a file of an HF directory: the directory

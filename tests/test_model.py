@@ -510,8 +510,8 @@ def test_errors_name_the_file_and_keys(tmp_path):
                                                 r"\.ckpt\)$"):
         BridgeTower.from_pretrained(str(tmp_path / "nowhere.ckpt"))
     # a hub id, which transformers would download: the message says how to get it
-    with pytest.raises(FileNotFoundError, match="local files only: download the hub repository first "
-                                                r"\(hf download BridgeTower/bridgetower-base-itm-mlm"):
+    with pytest.raises(FileNotFoundError, match="if it is a hub id, note that this loads local files only: download "
+                                                r"it first \(hf download BridgeTower/bridgetower-base-itm-mlm"):
         BridgeTower.from_pretrained("BridgeTower/bridgetower-base-itm-mlm")
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.ckpt: cannot be read as a checkpoint"):
