@@ -222,7 +222,10 @@ def cleanup_distributed():
     if torch_dist.is_initialized():
         # wait for every rank (rank 0 may still be saving the final model): a rank that tears down its gloo
         # threads while a peer still holds the connection can abort ("terminate called without an active
-        # exception", seen in tests/test_pretrain.py::test_torchrun_two_processes about 1 run in 5)
+        # exception", seen in tests/test_pretrain.py::test_torchrun_two_processes about 1 run in 5). The same
+        # message from a process that exits milliseconds after its last backward is another race, in gloo: see
+        # tests/conftest.py, end_ddp_worker. Training runs save and evaluate for seconds after theirs (a --bench run
+        # on gloo does not, and may end so after printing its figures)
         torch_dist.barrier()
         torch_dist.destroy_process_group()
 

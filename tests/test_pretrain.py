@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 import pretrain
 import train_utils as tu
-from conftest import assert_same_final_weights, eval_line, kill_after_first_checkpoint, run_script, train_lines
+from conftest import (assert_same_final_weights, end_ddp_worker, eval_line, kill_after_first_checkpoint, run_script,
+                      train_lines)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain.py")
@@ -110,6 +111,7 @@ def _ddp_worker(rank, port, batches, result_path):
     if dist.is_master:
         torch.save({"params": {k: v.detach() for k, v in model.module.named_parameters()}, "out": out}, result_path)
     tu.cleanup_distributed()
+    end_ddp_worker()
 
 
 def test_ddp_gradients_match_single_process(tmp_path):

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import train_utils as tu
+from conftest import end_ddp_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -421,6 +422,7 @@ def _ddp_worker(rank, world_size, port, batches, result_path):
     if dist.is_master:
         torch.save({"params": [p.detach() for p in model.parameters()], "out": out}, result_path)
     tu.cleanup_distributed()
+    end_ddp_worker()
 
 
 def test_train_step_ddp_matches_single_process(tmp_path):
