@@ -71,7 +71,7 @@ def end_ddp_worker():
     which skips the interpreter's shutdown. A gloo thread drops the last backward's all-reduce work a moment after
     the backward has returned, and that work's saved thread-local state holds a Python object (autograd's context),
     so the drop takes the GIL. When the interpreter is already shutting down, taking it ends the thread inside a
-    destructor: "terminate called without an active exception", SIGABRT (the stack is in a core dump). Measured
+    destructor: "terminate called without an active exception", SIGABRT (so a core dump's stack shows). Measured
     on a 2-process script that exits right after its backward: 10 runs in 120 ended so, none in 120 with this
     exit; the DDP tests, which exit milliseconds after theirs, about 1 in 30 (once in CI). The scripts save and
     evaluate for seconds after their last backward."""
