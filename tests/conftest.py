@@ -3,6 +3,8 @@ import sys
 
 import torch
 
+import train_utils as tu  # imports no kernels, so before TRITON_INTERPRET is fine
+
 # Triton reads TRITON_INTERPRET when it is first imported. Set it before any test module imports
 # bridge_kernels (model.py does), so that the kernel tests run under the interpreter on machines without
 # a GPU, whatever the order of the test files. The model itself stays on the PyTorch path on the CPU
@@ -67,7 +69,7 @@ def train_lines(run_dir, keys):
 
 
 def end_ddp_worker():
-    """The last line of an mp.spawn worker that ran a DDP backward, after tu.cleanup_distributed(): os._exit(0),
+    """The last line of an mp.spawn worker that ran a DDP backward: tu.cleanup_distributed(), then os._exit(0),
     which skips the interpreter's shutdown. A gloo thread drops the last backward's all-reduce work a moment after
     the backward has returned, and that work's saved thread-local state holds a Python object (autograd's context),
     so the drop takes the GIL. When the interpreter is already shutting down, taking it ends the thread inside a
@@ -75,6 +77,7 @@ def end_ddp_worker():
     on a 2-process script that exits right after its backward: 10 runs in 120 ended so, none in 120 with this
     exit; the DDP tests, which exit milliseconds after theirs, about 1 in 30 (once in CI). The scripts save and
     evaluate for seconds after their last backward."""
+    tu.cleanup_distributed()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -110,8 +110,7 @@ def _ddp_worker(rank, port, batches, result_path):
     out = tu.train_step(model, mine, _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), dist=dist)
     if dist.is_master:
         torch.save({"params": {k: v.detach() for k, v in model.module.named_parameters()}, "out": out}, result_path)
-    tu.cleanup_distributed()
-    end_ddp_worker()
+    end_ddp_worker()  # the group destroyed, then the process
 
 
 def test_ddp_gradients_match_single_process(tmp_path):

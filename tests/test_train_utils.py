@@ -421,8 +421,7 @@ def _ddp_worker(rank, world_size, port, batches, result_path):
     out = tu.train_step(model, mine, _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), dist=dist)
     if dist.is_master:
         torch.save({"params": [p.detach() for p in model.parameters()], "out": out}, result_path)
-    tu.cleanup_distributed()
-    end_ddp_worker()
+    end_ddp_worker()  # the group destroyed, then the process
 
 
 def test_train_step_ddp_matches_single_process(tmp_path):
