@@ -765,18 +765,20 @@ def majority_answer(annotations):
 
 
 @torch.no_grad()
-def predict_top(model, tokenizer, answers, image_file, text, k=5):
-    """[(answer, probability)] of the k best answers for one image and question."""
+def predict_top(model, tokenizer, answers, image_file, text, k=5, autocast=nullcontext()):
+    """[(answer, probability)] of the k best answers for one image and question, on the model's device."""
     model.eval()
+    dev = next(model.parameters()).device
     try:
         with Image.open(image_file) as img:
             pixels = eval_transform(model.config.image_size)(img)[None]
     except (OSError, ValueError) as e:  # missing, not an image, cut short
         raise ValueError(f"--image={image_file!r} cannot be read: {type(e).__name__}: {e}") from None
     enc = tokenizer([text], max_length=max_text_len, padding="longest")
-    logits = model(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels,
-                   heads=("vqa",)).vqa_logits[0]
-    probs, idx = logits.sigmoid().topk(min(k, len(answers)))
+    with autocast:
+        logits = model(enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+                       pixel_values=pixels.to(dev), heads=("vqa",)).vqa_logits[0]
+    probs, idx = logits.float().sigmoid().topk(min(k, len(answers)))
     return [(answers[i], p) for i, p in zip(idx.tolist(), probs.tolist())]
 
 
@@ -808,10 +810,12 @@ def run_predict():
     if not image or not question:
         raise ValueError("--predict needs --image=path.jpg and --question=\"...\"")
     model, tokenizer, answers = load_finetuned(path)
+    dev = tu.resolve_device(device)
+    model.to(dev)
     print(f"Q: {question}")
     print("score  answer   (the sigmoid of each answer's logit, scored on its own as BCE trains it: the scores "
           "need not sum to 1)")
-    for answer, p in predict_top(model, tokenizer, answers, image, question):
+    for answer, p in predict_top(model, tokenizer, answers, image, question, autocast=tu.autocast(dev, dtype)):
         print(f"{p:.3f}  {answer}")
 
 

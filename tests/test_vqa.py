@@ -373,6 +373,13 @@ def test_predict_on_saved_checkpoint(tiny_run):
         assert answer in answers
         scores.append(float(score))
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    # --device and --dtype are honoured: bf16 autocast gives the fp32 scores up to bf16's rounding
+    bf16 = run_vqa(["--predict", f"--image={image}", "--question=what color is the circle?", "--device=cpu",
+                    "--dtype=bfloat16", f"--checkpoint={run}/final"], timeout=120).strip().splitlines()[-5:]
+    fp32 = {line.split(None, 1)[1]: float(line.split(None, 1)[0]) for line in lines}
+    bf16 = {line.split(None, 1)[1]: float(line.split(None, 1)[0]) for line in bf16}
+    assert bf16 != fp32 and len(bf16.keys() & fp32.keys()) >= 3
+    assert all(abs(bf16[a] - fp32[a]) < 0.05 for a in bf16.keys() & fp32.keys())
     # the printed scores are those of the model on that input, from the Python API as well
     model, tokenizer, vocab = fv.load_finetuned(os.path.join(run, "final"))
     top = fv.predict_top(model, tokenizer, vocab, image, "what color is the circle?")
