@@ -399,7 +399,9 @@ else:
         # tuned configs' values on BridgeTower's shapes.
         _FWD_CONFIGS = _BWD_KV_CONFIGS = _BWD_Q_CONFIGS = [
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-_ATTN_KEY = ["BLOCK_D", "HAS_MASK", "DROPOUT", "LQ_BUCKET", "LK_BUCKET"]
+# PREC too: fp32 tiles built for TF32 need less shared memory than for IEEE dots (sm_80, head dim 128: a config
+# that fits with one overflows with the other), so a config tuned with TF32 on is not reused with it off
+_ATTN_KEY = ["BLOCK_D", "HAS_MASK", "DROPOUT", "PREC", "LQ_BUCKET", "LK_BUCKET"]
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_ATTN_KEY)
@@ -784,7 +786,11 @@ _CAPABILITY = {}  # CUDA device index -> compute capability, asked once a device
 
 
 def _ampere_or_newer(device):
-    # the kernels' bf16 dots target sm_80+ (A100, H100); V100 (sm_70) and T4 (sm_75) stay on PyTorch
+    # the kernels' bf16 dots target sm_80+ (A100, H100); V100 (sm_70) and T4 (sm_75) stay on PyTorch, and so do
+    # AMD GPUs (a ROCm build reports them as CUDA devices, an MI300 as capability 9.4): the kernels and their
+    # configs have been compiled for NVIDIA only
+    if torch.version.hip is not None:
+        return False
     if device.index not in _CAPABILITY:
         _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
     return _CAPABILITY[device.index] >= (8, 0)
@@ -1118,6 +1124,8 @@ def main(argv):
         unfit = [v for v, ok in fits.items() if not ok]
         print(f"{len(fits) - len(unfit)} of {len(fits)} kernel variants have a config that fits", *unfit, sep="\n")
         sys.exit(1 if unfit else 0)
+    if args.dtype == "all":
+        sys.exit("bridge_kernels.py: --dtype all is for --compile-check; the benchmark takes one of bf16, fp16, fp32")
     if INTERPRET or not torch.cuda.is_available():
         sys.exit("bridge_kernels.py: the benchmark needs a CUDA GPU (and TRITON_INTERPRET unset). "
                  "On a CPU: `python -m pytest tests/test_kernels.py` checks correctness under the "

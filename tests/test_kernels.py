@@ -393,6 +393,11 @@ def test_auto_needs_ampere_or_newer(monkeypatch):
         assert [bk.backend(x) for x in gpus] == ["torch", "torch", "triton", "triton", "triton"]
     assert sorted(asked) == list(capabilities)
     assert bk.backend(gpus[0], "triton") == "triton"
+    # a ROCm build reports AMD GPUs as CUDA devices (an MI300 as 9.4): auto leaves them to PyTorch
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    assert [bk.backend(x) for x in gpus] == ["torch"] * 5
+    assert bk.backend(gpus[3], "triton") == "triton"
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
     # through the dispatcher's callers: bf16 attention and add + LayerNorm on a V100 take PyTorch's path
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # CPU tensors pose as CUDA ones
     monkeypatch.setattr(bk, "_CAPABILITY", {None: (7, 0)})  # a CPU tensor's device has no index
