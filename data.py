@@ -537,9 +537,33 @@ def _spread(n, k):
     return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64)).tolist()
 
 
+class Packed:
+    """A list of strings (rows=[str, ...]) or of number lists (rows=[[...], ...], dtype given) held in one numpy
+    buffer and its row offsets, not one Python object a row: reading a Python object writes its refcount, so a
+    forked loader worker that reads a list of millions of strings or dicts ends up with its own copy of the
+    list's memory, while it shares these two arrays with its parent. p[i] is a str, or a numpy array."""
+
+    def __init__(self, rows, dtype=None):
+        self.text = dtype is None
+        if self.text:
+            rows = [r.encode("utf-8") for r in rows]
+        self.offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+        if self.text:
+            self.values = np.frombuffer(b"".join(rows), dtype=np.uint8) if rows else np.zeros(0, np.uint8)
+        else:
+            self.values = np.fromiter((x for r in rows for x in r), dtype=dtype, count=int(self.offsets[-1]))
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        row = self.values[self.offsets[i]:self.offsets[i + 1]]
+        return bytes(row).decode("utf-8") if self.text else row
+
+
 class PairSource:
     """(image path, caption) pairs held in numpy arrays, not a list of Python strings: with millions of VG
-    regions, per-object refcounts would copy the whole list into every forked loader worker.
+    regions, per-object refcounts would copy the whole list into every forked loader worker (see Packed).
 
     hint: appended to the start-up messages about missing images (where the images are looked for)."""
 
@@ -547,9 +571,7 @@ class PairSource:
         self.name, self.root, self.hint = name, root, hint
         self.image_files = np.array(image_files)  # unique relative paths (numpy unicode array)
         self.image_index = np.asarray(image_index, dtype=np.int64)
-        encoded = [c.encode("utf-8") for c in captions]
-        self.caption_offsets = np.cumsum([0] + [len(c) for c in encoded], dtype=np.int64)
-        self.caption_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+        self.captions = Packed(captions)
         if len(self.image_index) == 0:
             raise ValueError(f"{name}: no image-caption pairs for this split (empty source)")
         self._check_root()
@@ -579,7 +601,7 @@ class PairSource:
 
     def load(self, i):
         rel = str(self.image_files[self.image_index[i]])
-        caption = bytes(self.caption_bytes[self.caption_offsets[i]:self.caption_offsets[i + 1]]).decode("utf-8")
+        caption = self.captions[i]
         return Image.open(os.path.join(self.root, rel)), caption, f"{self.name}/{rel}"
 
 

@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
@@ -34,7 +35,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
-from data import COLORS, SHAPES, Tokenizer, eval_transform, make_scene, train_transform
+from data import COLORS, SHAPES, Packed, Tokenizer, eval_transform, make_scene, train_transform
 from model import BridgeTower, BridgeTowerConfig, CheckpointError, _init_weights
 
 # -----------------------------------------------------------------------------
@@ -453,24 +454,30 @@ class VQADataset(torch.utils.data.Dataset):
     """Indexed by (item index, augmentation seed) pairs, which the batch schedule below produces."""
 
     def __init__(self, items, transform, num_answers):
-        self.items, self.transform, self.num_answers = items, transform, num_answers
         check_image_root(items)
+        self.transform, self.num_answers = transform, num_answers
+        # numpy buffers, not the list of dicts, which forked loader workers would each copy (data.Packed)
+        self.images = Packed([q["image"] for q in items])
+        self.questions = Packed([q["question"] for q in items])
+        self.question_ids = np.array([q["question_id"] for q in items], dtype=np.int64)
+        self.labels = Packed([q.get("labels", ()) for q in items], np.int64)
+        self.scores = Packed([q.get("scores", ()) for q in items], np.float32)
 
     def __len__(self):
-        return len(self.items)
+        return len(self.question_ids)
 
     def __getitem__(self, key):
         """(pixels, question, target, question_id), or an Unreadable when the image cannot be decoded."""
         i, aug_seed = key
-        item = self.items[i]
+        image, question_id = self.images[i], int(self.question_ids[i])
         try:
-            with Image.open(item["image"]) as img:
+            with Image.open(image) as img:
                 pixels = self.transform(img, random.Random(aug_seed))
         except Exception as e:  # missing or corrupt file, any decoder error: counted by Collate, never fatal
-            return Unreadable(item["question_id"], f"{item['image']}: {type(e).__name__}: {e}")
+            return Unreadable(question_id, f"{image}: {type(e).__name__}: {e}")
         target = torch.zeros(self.num_answers)
-        target[item.get("labels", [])] = torch.tensor(item.get("scores", []), dtype=torch.float32)
-        return pixels, item["question"], target, item["question_id"]
+        target[torch.from_numpy(self.labels[i])] = torch.from_numpy(self.scores[i])
+        return pixels, self.questions[i], target, question_id
 
 
 class Collate:
@@ -881,6 +888,7 @@ def main():
                          "dropped)")
     # also read by --eval_only: the training majority answer answers unreadable images and is the baseline
     majority = majority_answer(train_annotations)
+    del train_annotations  # 10 answers a question: gigabytes at VQAv2's size, on every rank
     if eval_split:
         eval_questions, eval_annotations = load_eval_set(root, image_dir, held_out)
         check_image_root(eval_questions)
@@ -969,7 +977,8 @@ def main():
 
     dataset = VQADataset(train_items, train_transform(image_size, scale=crop_scale, randaugment=randaugment),
                          len(answers))
-    loader = iter(make_loader(dataset, micro_batch_schedule(len(train_items), step, accum, dist), tokenizer,
+    del train_items  # the dataset holds them packed; the list would be copied into every loader worker
+    loader = iter(make_loader(dataset, micro_batch_schedule(len(dataset), step, accum, dist), tokenizer,
                               dist.device))
     warmup_steps = int(warmup_ratio * total_steps)
     cfg = raw_model.config
