@@ -535,14 +535,23 @@ class BridgeTower(nn.Module):
         # otherwise fail in the embedding lookup: a bare IndexError on a CPU, a device-side assert on a GPU, which
         # leaves the CUDA context unusable
         V = self.config.vocab_size
-        facts = [((input_ids >= 0) & (input_ids < V)).all()]
+        # and a text longer than the position table (positions count its non-pad tokens up from pad + 1; a longer
+        # row would index past the table, as an id outside the vocabulary would)
+        longest = self.config.max_position_embeddings - 1 - self.config.pad_token_id
+        lengths = input_ids.ne(self.config.pad_token_id).sum(-1) if input_ids.shape[1] > longest else None
+        facts = [((input_ids >= 0) & (input_ids < V)).all(), (lengths <= longest).all() if lengths is not None
+                 else torch.ones((), dtype=torch.bool, device=input_ids.device)]
         if attention_mask is not None:
             facts += [attention_mask.all(), attention_mask.any(-1).all()]
-        ids_in_vocab, *mask_facts = torch.stack(facts).tolist()
+        ids_in_vocab, fits_positions, *mask_facts = torch.stack(facts).tolist()
         if not ids_in_vocab:
             outside = input_ids[(input_ids < 0) | (input_ids >= V)].unique().tolist()
             raise ValueError(f"input_ids holds ids outside the model's vocabulary of {V} (0..{V - 1}): {outside[:5]}; "
                              "token ids of another tokenizer?")
+        if not fits_positions:
+            raise ValueError(f"input_ids has a text of {lengths.max().item()} tokens; the position table "
+                             f"(max_position_embeddings={self.config.max_position_embeddings}) holds {longest}: "
+                             "truncate the text (the tokenizer's max_length)")
         key_mask = None  # no mask at all when nothing is padded: the fastest attention path
         if attention_mask is not None:
             unpadded, no_empty_row = mask_facts
@@ -875,10 +884,12 @@ def resize_position_table(table, grid, source="position table"):
         raise CheckpointError(f"{source}: {POSITION_KEY} has {table.shape[0]} rows, not 1 + a square grid")
     if old == grid:
         return table
-    patches = table[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    # in fp32 at least, and kept so: rounding the result back to an fp16 source's dtype (OpenAI's archives) would
+    # add an error of about 1e-5 to the model's fp32 table
+    table = table.to(torch.promote_types(table.dtype, torch.float32))
+    patches = table[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
     patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
-    return torch.cat([table[:1], patches])
+    return torch.cat([table[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
 
 
 def resize_position_table_in(state, config, source):

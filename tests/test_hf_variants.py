@@ -278,3 +278,21 @@ def test_token_ids_outside_the_vocabulary_are_an_error():
                 ours(wrong, attention_mask=m, pixel_values=pixels)
     ids[1, 2] = VOCAB - 1  # the last id is in
     ours(ids, attention_mask=mask, pixel_values=pixels)
+
+
+def test_texts_longer_than_the_position_table_are_an_error():
+    # the same failure as an id outside the vocabulary, in the position lookup: RoBERTa counts a row's non-pad
+    # tokens up from pad + 1, so a table of 12 rows holds texts of 10 tokens, however long the padded batch
+    torch.manual_seed(27)
+    ours = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("itm",), max_position_embeddings=12))
+    pixels = inputs()[2][:2]
+    ids = torch.randint(3, VOCAB, (2, 11))
+    for m in (torch.ones_like(ids), None):
+        with pytest.raises(ValueError, match=r"a text of 11 tokens; the position table \(max_position_embeddings=12\) "
+                                             r"holds 10: truncate"):
+            ours.eval()(ids, attention_mask=m, pixel_values=pixels)
+    ids[0, 10], ids[1, 7:] = 1, 1  # padded batch of 11 columns, texts of 10 and 7 tokens: in
+    with torch.no_grad():
+        out = ours(ids, attention_mask=ids.ne(1).long(), pixel_values=pixels)
+        short = ours(ids[:, :10], attention_mask=ids[:, :10].ne(1).long(), pixel_values=pixels)
+    torch.testing.assert_close(out.itm_logits, short.itm_logits, atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers as T
 
-from model import BridgeTower, BridgeTowerConfig, CheckpointError, contrastive_loss, config_to_hf
+from model import BridgeTower, BridgeTowerConfig, CheckpointError, contrastive_loss, config_to_hf, resize_position_table
 
 @pytest.fixture(autouse=True)
 def one_thread(request):
@@ -161,6 +161,10 @@ def test_position_interpolation_matches_hf(tmp_path):
         assert_close(getattr(out, key), ref[key], key)
     with pytest.raises(ValueError, match="96x96"):
         ours(ids, pixel_values=torch.zeros(1, 3, 64, 64))
+    # an fp16 table (OpenAI's archives) is resized in fp32 and stays fp32, as the model's own table is
+    table = torch.randn(1 + 4 * 4, 8).half()
+    resized = resize_position_table(table, 6)
+    assert resized.dtype == torch.float32 and torch.equal(resized, resize_position_table(table.float(), 6))
 
 
 # -----------------------------------------------------------------------------
