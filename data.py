@@ -917,14 +917,15 @@ class _ShardStream:
         self.shard_position = role
         self.pending = []  # samples of the current shard, reversed, not yet in the buffer
         self.empty = set()  # shards found to hold no readable sample
+        self.distinct = len(set(shards))
         self.buffer = []
         self.rng = random.Random(f"buffer-{seed}-{role}")
         self._epoch, self._order = None, None
 
     def _next_sample(self):
         while not self.pending:
-            if len(self.empty) == len(self.shards):
-                raise RuntimeError(f"none of the {len(self.shards)} shards has a readable sample any more")
+            if len(self.empty) == self.distinct:  # distinct: a shard listed twice would otherwise loop forever
+                raise RuntimeError(f"none of the {self.distinct} shards has a readable sample any more")
             epoch, i = divmod(self.shard_position, len(self.shards))
             self.shard_position += self.num_roles
             if epoch != self._epoch:

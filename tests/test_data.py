@@ -527,6 +527,10 @@ def test_shards_without_usable_samples(tok, tmp_path):
     # one stream meets the empty shard again and again; it gives up only if every shard is empty
     stream = data._ShardStream([str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")], 0, 0, 2, {"skipped": 0})
     assert len([stream.next() for _ in range(100)]) == 100
+    # a stream whose shards (one listed twice) all turn out empty stops with an error rather than loop forever
+    empty = str(tmp_path / "00000.tar")
+    with pytest.raises(RuntimeError, match="none of the 1 shards has a readable sample any more"):
+        data._ShardStream([empty, empty], 0, 0, 1, {"skipped": 0}).next()
     with pytest.raises(ValueError, match="no shard holds a sample: .*00000.tar"):
         data.build_pretrain_loader(f"wds:{tmp_path}/00000.tar", tok)
     # shards whose samples all lack a caption (img2dataset run without a caption column): an error naming a sample
