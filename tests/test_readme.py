@@ -43,8 +43,8 @@ def test_every_flag_the_readme_names_exists():
     settings = set(tu._config_keys(vars(pretrain))) | set(tu._config_keys(vars(finetune_vqa)))
     options = {name for f in ("bridge_kernels.py", "data.py", "bench.py")
                for name in re.findall(r'add_argument\("--([\w-]+)"', open(os.path.join(ROOT, f)).read())}
-    others = {"help", "nproc_per_node", "index-url", "local-dir", "key"}  # --help, torchrun's, pip's, hf's, and
-    # "--key=value" itself
+    others = {"help", "nproc_per_node", "index-url", "local-dir", "shm-size", "key"}  # --help, torchrun's, pip's,
+    # hf's, docker's, and "--key=value" itself
     named = set(re.findall(r"(?<![\w-])--([a-zA-Z][\w-]*)", README))
     assert {"eval_only", "bench_profile", "compile-check", "nproc_per_node"} <= named  # the pattern finds them
     assert named - settings - options - others == set()
