@@ -634,9 +634,14 @@ def _bucket(n):
 
 def _dot_precision(dtype):
     # fp32 inputs follow PyTorch's own matmul switch: exact fp32 unless TF32 is allowed
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return "tf32" if dtype == torch.float32 and tf32_matmuls() else "ieee"
+
+
+def tf32_matmuls():
+    """Whether PyTorch lets CUDA fp32 matmuls use TF32. Read through the API of torch >= 2.9, which also reflects the
+    legacy `allow_tf32` switch: reading `allow_tf32` raises once the new API has set the precision."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else torch.backends.cuda.matmul.allow_tf32
 
 
 def _draw_seed():

@@ -86,7 +86,8 @@ lr_mult_cross_modal = 1.0    # every cross_modal* parameter (the paper: 5; on th
 grad_clip = 0.0              # 0: no clipping (the original does not clip)
 # system
 device = "auto"              # auto: cuda when available, else cpu
-dtype = "auto"               # auto: bfloat16 autocast on an Ampere or newer GPU, float32 elsewhere
+dtype = "auto"               # auto: bfloat16 autocast on an Ampere or newer GPU, float32 elsewhere;
+                             # tf32: fp32 with TF32 matmuls (the original's fp32, in effect)
 compile = False              # torch.compile the model
 cpu_threads = 1              # torch threads per process on CPU (0: torch's default). On 2 shared cores, 2 threads
                              # spin-wait for each other (pretrain.py measured 1.5-2.7 s/step against 0.5 s with 1)
@@ -818,6 +819,7 @@ def run_predict():
         raise ValueError("--predict needs --image=path.jpg and --question=\"...\"")
     model, tokenizer, answers = load_finetuned(path)
     dev = tu.resolve_device(device)
+    tu.set_matmul_precision(dtype)
     model.to(dev)
     print(f"Q: {question}")
     print("score  answer   (the sigmoid of each answer's logit, scored on its own as BCE trains it: the scores "
@@ -853,6 +855,7 @@ def main():
     if predict:
         return run_predict()
     dist = tu.setup_distributed(device)
+    tu.set_matmul_precision(dtype)
     if dist.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     t_start = time.time()

@@ -77,7 +77,8 @@ lr_mult_heads = 5.0          # for mlm_score and itm_score
 grad_clip = 1.0              # 0: no clipping
 # system
 device = "auto"              # auto: cuda when available, else cpu
-dtype = "auto"               # auto: bfloat16 autocast on an Ampere or newer GPU, float32 elsewhere
+dtype = "auto"               # auto: bfloat16 autocast on an Ampere or newer GPU, float32 elsewhere;
+                             # tf32: fp32 with TF32 matmuls (the original's fp32, in effect)
 compile = False              # torch.compile the model
 grad_checkpointing = False   # recompute text, vision and cross layers in the backward pass (less memory, ~1/3 more compute)
 cpu_threads = 1              # torch threads per process on CPU (0: torch's default, one per core). Measured on 2 shared
@@ -244,6 +245,7 @@ def main():
         # e.g. --init_from over config/pretrain_base.py, which names the encoders: the whole model wins
         print(f"init_from={init_from!r} is a whole BridgeTower: text_init and vision_init are not used")
     dist = tu.setup_distributed(device)
+    tu.set_matmul_precision(dtype)
     if dist.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     if bench:
@@ -395,7 +397,7 @@ def run_bench(dist):
     if dist.is_master:
         print(f"bench: {model_size} {image_size}px text {max_text_len} | batch {batch_size} = {dist.world_size} x "
               f"{accum} x {micro_batch_size} | {flops / batch_size / 1e9:.1f} GFLOP/sample | dtype "
-              f"{'bf16' if tu.use_bf16(dist.device, dtype) else 'fp32'} | "
+              f"{'bf16' if tu.use_bf16(dist.device, dtype) else 'tf32' if dtype == 'tf32' else 'fp32'} | "
               f"{torch.get_num_threads()} threads")
     times = []
     for step in range(bench_steps):

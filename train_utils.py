@@ -320,16 +320,27 @@ def accumulation_steps(batch_size, micro_batch_size, world_size):
     return batch_size // per_step
 
 
-DTYPES = ("auto", "bfloat16", "float32")
+DTYPES = ("auto", "bfloat16", "tf32", "float32")
 
 
 def use_bf16(device, dtype):
     """dtype "auto": bf16 autocast on a GPU with bf16 tensor cores (Ampere, sm_80, and later), fp32 elsewhere (a
-    V100 or T4 would emulate bf16); "bfloat16" / "float32" force it."""
+    V100 or T4 would emulate bf16); "bfloat16" forces it; "tf32" and "float32" are fp32 (see set_matmul_precision)."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r}: expected one of {', '.join(DTYPES)} (fp16 has no loss scaling here)")
     return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda" and
                                    torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def set_matmul_precision(dtype):
+    """--dtype=tf32: fp32 with CUDA matmuls in TF32 on Ampere and later, what the original's fp32 was (it ran torch
+    1.11, whose default allowed TF32 there; 1.12 turned it off), at about 8x the exact fp32 matmul peak of an
+    A100 or H100. Other dtypes leave PyTorch's setting as it is (exact fp32 by default)."""
+    if dtype == "tf32":
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch >= 2.9; mixing in the legacy flag raises
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def autocast(device, dtype):
@@ -590,12 +601,16 @@ PEAK_BF16_FLOPS = [
 
 
 def peak_flops(device, dtype="auto"):
-    """The accelerator's own bf16 peak, or None: no MFU is reported on a CPU, on a GPU not in the table, or for
-    a run without bf16 (`dtype`, as --dtype), whose peak is another."""
+    """The accelerator's own peak for `dtype` (as --dtype), or None: no MFU is reported on a CPU, on a GPU not in
+    the table, or for exact fp32. bf16: the table; TF32: half of it on Ampere and later (A100 156 TFLOP/s, H100 SXM
+    495), none before (a V100 has no TF32)."""
     device = torch.device(device)
-    if device.type != "cuda" or not use_bf16(device, dtype):
+    if device.type != "cuda":
         return None
-    return peak_flops_of(torch.cuda.get_device_name(device))
+    peak = peak_flops_of(torch.cuda.get_device_name(device))
+    if use_bf16(device, dtype) or peak is None:
+        return peak
+    return peak / 2 if dtype == "tf32" and torch.cuda.get_device_capability(device) >= (8, 0) else None
 
 
 def peak_flops_of(name):

@@ -278,8 +278,8 @@ def test_torchrun_two_processes(tmp_path):
 
 def test_bench_mode():
     out = _run(["--bench", "--bench_steps=2", "--image_size=32", "--batch_size=4", "--micro_batch_size=2",
-                "--max_text_len=8"])
-    assert "1 x 2 x 2" in out and "GFLOP/sample" in out
+                "--max_text_len=8", "--dtype=tf32"])
+    assert "1 x 2 x 2" in out and "GFLOP/sample" in out and "| dtype tf32 |" in out
     assert out.strip().splitlines()[-1].startswith("bench: median ms/step=")
 
 

@@ -319,9 +319,11 @@ def test_peak_flops(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert tu.peak_flops("cuda:0", "auto") == tu.peak_flops("cuda:0", "bfloat16") == 989e12
     assert tu.peak_flops("cuda:0", "float32") is None
+    assert tu.peak_flops("cuda:0", "tf32") == 989e12 / 2  # TF32's dense peak is half bf16's
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert tu.peak_flops("cuda:0", "auto") is None and tu.peak_flops("cuda:0", "bfloat16") == 125e12
+    assert tu.peak_flops("cuda:0", "tf32") is None  # no TF32 before Ampere
     names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
              "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12,
              "NVIDIA L4": 121e12, "NVIDIA H800": 989e12, "NVIDIA A10G": 70e12, "NVIDIA GeForce GTX 1080": None}
@@ -344,6 +346,7 @@ def test_device_and_dtype_flags(monkeypatch):
     assert not tu.use_bf16(torch.device("cuda"), "auto") and tu.use_bf16(torch.device("cuda"), "bfloat16")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100
     assert tu.use_bf16(torch.device("cpu"), "bfloat16") and not tu.use_bf16(torch.device("cuda"), "float32")
+    assert not tu.use_bf16(torch.device("cuda"), "tf32")
     for wrong in ("bf16", "float16", "fp32"):  # not a silent fp32 run
         with pytest.raises(ValueError, match=f"--dtype='{wrong}'"):
             tu.use_bf16(torch.device("cuda"), wrong)
@@ -530,3 +533,23 @@ def test_checkpoint_keeps_each_ranks_rng_state(tmp_path):
     assert len(states) == 2
     for rank, state in enumerate(states):
         assert torch.equal(state["torch"], torch.Generator().manual_seed(100 + rank).get_state()), rank
+
+
+@pytest.mark.parametrize("api", ["set_matmul_precision", "legacy", "global"])
+def test_tf32_switch_reaches_the_kernels(api):
+    # --dtype=tf32 sets PyTorch's switch through the API of torch >= 2.9, after which reading the legacy
+    # allow_tf32 raises; the kernels read it in a way that works whichever API set it (a fresh process each:
+    # the switch is global)
+    set_it = {"set_matmul_precision": "tu.set_matmul_precision('tf32')",
+              "legacy": "torch.backends.cuda.matmul.allow_tf32 = True",
+              "global": "torch.backends.fp32_precision = 'tf32'"}[api]
+    code = ("import torch, train_utils as tu, bridge_kernels as bk\n"
+            "assert not bk.tf32_matmuls() and bk._dot_precision(torch.float32) == 'ieee'\n"
+            "tu.set_matmul_precision('float32')\n"
+            "assert not bk.tf32_matmuls()\n"
+            f"{set_it}\n"
+            "assert bk.tf32_matmuls() and bk._dot_precision(torch.float32) == 'tf32'\n"
+            "assert bk._dot_precision(torch.bfloat16) == 'ieee'\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=120)
