@@ -660,9 +660,9 @@ def train_step(model, micro_batches, loss_fn, optimizer, grad_clip=0.0, dist=Non
     """Accumulate gradients over micro_batches (a list, or an iterator with accum_steps given), then clip and step.
 
     loss_fn(model, batch) -> (loss, metrics): loss a scalar mean over the micro-batch, metrics a dict of scalars.
-    Each loss is divided by the number of micro-steps, so the gradient is the mean over the global batch; under
-    DDP, gradients are all-reduced only on the last micro-step (no_sync on the others), which averages them over
-    ranks. Returns the metrics averaged over micro-steps and ranks, plus "loss" and "grad_norm" (before clipping).
+    Each loss is divided by the number of micro-steps, so the gradient is the mean of the micro-batch means (as
+    Lightning's accumulation and DDP make the original's); under DDP, gradients are all-reduced only on the last
+    micro-step (no_sync on the others), which averages them over ranks. Returns the metrics averaged over micro-steps and ranks, plus "loss" and "grad_norm" (before clipping).
     """
     n = accum_steps or len(micro_batches)
     sums = None

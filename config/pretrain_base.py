@@ -22,7 +22,8 @@ mlm_prob = 0.15              # 80% <mask>, 10% random, 10% kept (the demo masks 
 itm_neg_prob = 0.5
 num_workers = 8
 batch_size = 4096            # global; accumulation fills it whatever the number of GPUs
-micro_batch_size = 32        # per GPU and micro-step (raise it if memory allows: fewer micro-steps, same result)
+micro_batch_size = 32        # per GPU and micro-step, the original's. Another size changes the objective a little:
+                             # MLM averages over each micro-batch's masked tokens, ITM negatives come from it
 max_steps = 100_000
 lr = 1e-5
 warmup_ratio = 0.1
