@@ -962,7 +962,7 @@ def main():
     total_steps = max_steps or epochs * steps_per_epoch
     step, skipped = 0, 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        tu.load_optimizer_state(optimizer, ckpt["optimizer"])
         step, skipped = ckpt["step"], ckpt.get("skipped", 0)
         tu.set_rng_state(ckpt["rng"][dist.rank])
         if dist.is_master:

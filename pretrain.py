@@ -271,7 +271,7 @@ def main():
     optimizer = make_optimizer(model, dist.device)
     step, skipped, data_position, metrics_resume = 0, 0, 0, None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        tu.load_optimizer_state(optimizer, ckpt["optimizer"])
         step, skipped, data_position = ckpt["step"], ckpt["skipped"], ckpt["data_position"]
         metrics_resume = (step, ckpt.get("metrics_size"))
         tu.set_rng_state(ckpt["rng"][dist.rank])

@@ -343,6 +343,19 @@ def set_matmul_precision(dtype):
             torch.backends.cuda.matmul.allow_tf32 = True
 
 
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict, keeping this run's fused / foreach choice: the checkpoint's groups carry the one
+    of the device that wrote them, so a run begun on a CPU would otherwise resume on a GPU without the fused AdamW.
+    Fused AdamW keeps its step counts on the parameters' device, in fp32."""
+    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, chosen):
+        group.update(flags)
+        for p in group["params"] if group.get("fused") else ():
+            if "step" in optimizer.state.get(p, {}):
+                optimizer.state[p]["step"] = optimizer.state[p]["step"].to(p.device, torch.float32)
+
+
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, dtype) else nullcontext()
 

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import shutil
@@ -553,3 +554,27 @@ def test_tf32_switch_reaches_the_kernels(api):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, timeout=120)
+
+
+def test_resume_keeps_this_runs_fused_adamw():
+    # a checkpoint's optimizer groups carry the device that wrote them: one from a CPU run (unfused) resumed where
+    # the script builds a fused AdamW (on a GPU; fused AdamW also runs on a CPU, which this test uses) stays fused,
+    # with the same update as the unfused optimizer would make
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8))
+    written = torch.optim.AdamW([p], lr=0.1, fused=False)
+    for _ in range(2):
+        p.grad = torch.randn(8)
+        written.step()
+    state = written.state_dict()  # its tensors are the optimizer's own: each load gets a copy, as from a file
+    fused = torch.optim.AdamW([p], lr=0.1, fused=True)
+    tu.load_optimizer_state(fused, copy.deepcopy(state))
+    assert fused.param_groups[0]["fused"] and fused.state[p]["step"].dtype == torch.float32
+    unfused = torch.optim.AdamW([q := nn.Parameter(p.detach().clone())], lr=0.1, fused=False)
+    tu.load_optimizer_state(unfused, copy.deepcopy(state))
+    assert not unfused.param_groups[0]["fused"]
+    p.grad = q.grad = torch.randn(8)
+    fused.step()
+    unfused.step()
+    torch.testing.assert_close(p, q)
+    assert fused.state[p]["step"].item() == unfused.state[q]["step"].item() == 3
