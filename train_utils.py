@@ -344,9 +344,9 @@ def set_matmul_precision(dtype):
 
 
 def load_optimizer_state(optimizer, state):
-    """optimizer.load_state_dict, keeping this run's fused / foreach choice: the checkpoint's groups carry the one
-    of the device that wrote them, so a run begun on a CPU would otherwise resume on a GPU without the fused AdamW.
-    Fused AdamW keeps its step counts on the parameters' device, in fp32."""
+    """optimizer.load_state_dict, keeping this run's fused / foreach choice: the checkpoint's groups carry the
+    choice made where it was written, so a run begun on a CPU would otherwise resume on a GPU without the fused
+    AdamW. Fused AdamW keeps its step counts on the parameters' device, in fp32."""
     chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, flags in zip(optimizer.param_groups, chosen):
@@ -477,7 +477,7 @@ def load_latest_checkpoint(run_dir, kind=None, map_location="cpu", dist=None):
     if os.path.exists(path):
         try:
             # mmap: the ranks of a node share one copy of the file in the page cache instead of each reading all of
-            # it into memory (8 x 14 GB at large size, optimiser moments included)
+            # it into its own memory (4.4 GB at base size, 11 GB at large: the weights and AdamW's two moments)
             ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
         except Exception as e:  # written by rename, so complete when written: damaged since
             raise RuntimeError(f"{path} cannot be read ({type(e).__name__}: {e}); restore it, or start over in "
@@ -675,7 +675,8 @@ def train_step(model, micro_batches, loss_fn, optimizer, grad_clip=0.0, dist=Non
     loss_fn(model, batch) -> (loss, metrics): loss a scalar mean over the micro-batch, metrics a dict of scalars.
     Each loss is divided by the number of micro-steps, so the gradient is the mean of the micro-batch means (as
     Lightning's accumulation and DDP make the original's); under DDP, gradients are all-reduced only on the last
-    micro-step (no_sync on the others), which averages them over ranks. Returns the metrics averaged over micro-steps and ranks, plus "loss" and "grad_norm" (before clipping).
+    micro-step (no_sync on the others), which averages them over ranks. Returns the metrics averaged over
+    micro-steps and ranks, plus "loss" and "grad_norm" (before clipping).
     """
     n = accum_steps or len(micro_batches)
     sums = None
