@@ -533,35 +533,34 @@ class BridgeTower(nn.Module):
                 raise ValueError("output_hidden_states / output_attentions need pixel_values, not image_inputs")
         # what the checks below need of the inputs' values, in one host sync. An id outside the vocabulary would
         # otherwise fail in the embedding lookup: a bare IndexError on a CPU, a device-side assert on a GPU, which
-        # leaves the CUDA context unusable
+        # leaves the CUDA context unusable; so would a text longer than the position table (positions count a row's
+        # non-pad tokens up from pad + 1), which only a batch wider than the table can hold
         V = self.config.vocab_size
-        # and a text longer than the position table (positions count its non-pad tokens up from pad + 1; a longer
-        # row would index past the table, as an id outside the vocabulary would)
         longest = self.config.max_position_embeddings - 1 - self.config.pad_token_id
-        lengths = input_ids.ne(self.config.pad_token_id).sum(-1) if input_ids.shape[1] > longest else None
-        facts = [((input_ids >= 0) & (input_ids < V)).all(), (lengths <= longest).all() if lengths is not None
-                 else torch.ones((), dtype=torch.bool, device=input_ids.device)]
+        facts = {"ids_in_vocab": ((input_ids >= 0) & (input_ids < V)).all()}
+        if input_ids.shape[1] > longest:
+            lengths = input_ids.ne(self.config.pad_token_id).sum(-1)
+            facts["fits_positions"] = (lengths <= longest).all()
         if attention_mask is not None:
-            facts += [attention_mask.all(), attention_mask.any(-1).all()]
-        ids_in_vocab, fits_positions, *mask_facts = torch.stack(facts).tolist()
-        if not ids_in_vocab:
+            facts["unpadded"], facts["no_empty_row"] = attention_mask.all(), attention_mask.any(-1).all()
+        facts = dict(zip(facts, torch.stack(list(facts.values())).tolist()))
+        if not facts["ids_in_vocab"]:
             outside = input_ids[(input_ids < 0) | (input_ids >= V)].unique().tolist()
             raise ValueError(f"input_ids holds ids outside the model's vocabulary of {V} (0..{V - 1}): {outside[:5]}; "
                              "token ids of another tokenizer?")
-        if not fits_positions:
+        if not facts.get("fits_positions", True):
             raise ValueError(f"input_ids has a text of {lengths.max().item()} tokens; the position table "
                              f"(max_position_embeddings={self.config.max_position_embeddings}) holds {longest}: "
                              "truncate the text (the tokenizer's max_length)")
         key_mask = None  # no mask at all when nothing is padded: the fastest attention path
         if attention_mask is not None:
-            unpadded, no_empty_row = mask_facts
-            if not no_empty_row:
+            if not facts["no_empty_row"]:
                 # HF adds finfo.min to every score of such a row, which makes them all one value, so it attends
                 # uniformly to the padding; SDPA gives zeros. Neither means anything, so say so rather than return
                 # either (a tokenizer always yields <s> and </s>)
                 rows = torch.nonzero(~attention_mask.any(-1)).flatten().tolist()
                 raise ValueError(f"attention_mask rows {rows} are all 0: no token to attend to")
-            if not unpadded:
+            if not facts["unpadded"]:
                 key_mask = attention_mask.bool()
 
         states = ({"text": [], "image": [], "cross": [], "cross_inputs": []}
