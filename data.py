@@ -862,8 +862,9 @@ def spec_shards(spec):
 #   - with both kinds, each slot of a role's stream draws its kind with weights proportional to their sizes.
 # Role w of a rank builds that rank's batches w, w+W, w+2W, ... from consecutive slots of its stream, which is
 # exactly the order torch's DataLoader reads its workers in. Resuming at batch k therefore means: each worker
-# skips the slots of its earlier batches, by index arithmetic for map-style sources and by reading tar headers
-# (no image decoding) for shards. Resume is exact for the same seed, batch_size, world_size and num_workers.
+# skips the slots of its earlier batches, by index arithmetic for map-style sources and for shards by their sample
+# counts (ShardIndex, kept in the run directory; no image decoding, and tar headers read only for the few shards
+# still in the shuffle buffer). Resume is exact for the same seed, batch_size, world_size and num_workers.
 
 SHUFFLE_BUFFER = 2000  # tar samples (header references, not bytes) shuffled per worker
 MAX_OPEN_SHARDS = 8
@@ -905,22 +906,83 @@ class _MapStream:
         return ("map", s, index - int(self.offsets[s]))
 
 
+class ShardIndex:
+    """The sample counts of the shards a run has scanned, so that a resume skips the shards consumed before it by
+    count instead of reading their tar headers again.
+
+    A scan reads every member's header: 0.7 s for a 10k-sample, 230 MB shard from the page cache (measured), far
+    longer from a cold disk or a network file system. At step 90k of the paper's recipe (batch 4096) a stream of
+    64 has consumed some 575 such shards. With the counts, a resume scans only the few shards whose samples are
+    still in the shuffle buffer. Each stream appends to its own file, {index_dir}/role{role}.jsonl, one JSON
+    line per shard: {"path", "size", "mtime_ns", "samples"}. An entry is used only while the shard's size and
+    modification time are unchanged; a missing or stale entry means a scan, never a wrong count. The index only
+    saves time: if it cannot be written, the run goes on without it.
+    """
+
+    def __init__(self, index_dir, role):
+        self.index_dir, self.file = index_dir, os.path.join(index_dir, f"role{role}.jsonl")
+        self.counts, self.broken = {}, False
+
+    @staticmethod
+    def _stamp(path):
+        st = os.stat(path)
+        return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+    def load(self):
+        """Read every stream's file: any of them may have scanned a shard (a file cut short by a kill is fine)."""
+        for name in sorted(glob.glob(os.path.join(glob.escape(self.index_dir), "role*.jsonl"))):
+            with open(name, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        e = json.loads(line)
+                        self.counts[e["path"]] = (e["size"], e["mtime_ns"], int(e["samples"]))
+                    except (ValueError, KeyError, TypeError):
+                        continue  # the last line of a killed run's file may be cut short
+
+    def count(self, path):
+        """The shard's sample count if indexed and unchanged since, else None."""
+        real, size, mtime_ns = self._stamp(path)
+        entry = self.counts.get(real)
+        return entry[2] if entry is not None and entry[:2] == (size, mtime_ns) else None
+
+    def record(self, path, samples):
+        if self.broken:
+            return
+        try:
+            real, size, mtime_ns = self._stamp(path)
+            if self.counts.get(real) == (size, mtime_ns, samples):
+                return  # a later epoch's scan of a shard already indexed
+            os.makedirs(self.index_dir, exist_ok=True)
+            with open(self.file, "a", encoding="utf-8") as f:  # one short write a line: a kill cuts at most one
+                f.write(json.dumps({"path": real, "size": size, "mtime_ns": mtime_ns, "samples": samples}) + "\n")
+            self.counts[real] = (size, mtime_ns, samples)
+        except OSError as e:
+            self.broken = True
+            _say(f"data: shard index {self.file} not written ({e}); a resume will read tar headers instead")
+
+
 class _ShardStream:
     """Samples of shards role, role+R, ... of the per-epoch shard orders, through a shuffle buffer.
 
-    The buffer holds header references (shard, offsets), so skipping to a resume point reads no image bytes.
+    The buffer holds header references (shard, offsets), so skipping to a resume point reads no image bytes. With
+    a ShardIndex that knows the consumed shards' sample counts, the skip reads no tar headers either: it runs on
+    placeholders (shard, sample number), then scans only the shards whose placeholders are left in the buffer.
     """
 
-    def __init__(self, shards, seed, role, num_roles, counters):
+    def __init__(self, shards, seed, role, num_roles, counters, index=None):
         self.shards, self.seed, self.role, self.num_roles = shards, seed, role, num_roles
-        self.counters = counters
-        self.shard_position = role
+        self.counters, self.index = counters, index
+        self.distinct = len(set(shards))
+        self._start()
+
+    def _start(self):
+        self.shard_position = self.role
         self.pending = []  # samples of the current shard, reversed, not yet in the buffer
         self.empty = set()  # shards found to hold no readable sample
-        self.distinct = len(set(shards))
         self.buffer = []
-        self.rng = random.Random(f"buffer-{seed}-{role}")
+        self.rng = random.Random(f"buffer-{self.seed}-{self.role}")
         self._epoch, self._order = None, None
+        self._by_count = False  # skipping on placeholders
 
     def _next_sample(self):
         while not self.pending:
@@ -932,7 +994,15 @@ class _ShardStream:
                 self._epoch = epoch
                 self._order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.shards))
             path = self.shards[int(self._order[i])]
+            count = self.index.count(path) if self._by_count else None
+            if count is not None:
+                self.pending = [(path, n) for n in reversed(range(count))]
+                if not count:
+                    self.empty.add(path)
+                continue
             samples, error = scan_shard(path)
+            if self.index is not None:
+                self.index.record(path, len(samples))
             if error:
                 self.counters["skipped"] += 1
                 _say(f"data: shard {path} abandoned after {len(samples)} samples: {error}")
@@ -950,8 +1020,38 @@ class _ShardStream:
         return ("tar",) + self.buffer.pop()
 
     def skip(self, count):
+        if self.index is not None and count:
+            self.index.load()
+            self._by_count = True
+            try:
+                for _ in range(count):
+                    self.next()
+            finally:
+                self._by_count = False
+            if self._resolve_placeholders():
+                return
+            self._start()  # a shard changed under an unchanged size and mtime: skip again the slow way
         for _ in range(count):
             self.next()
+
+    def _resolve_placeholders(self):
+        """Turn the placeholders left in the buffer and the current shard into header references, scanning only
+        their shards. False if a shard no longer holds the indexed number of samples."""
+        wanted = {ref[0] for ref in self.buffer + self.pending if len(ref) == 2}
+        scanned = {}
+        for path in wanted:
+            samples, _ = scan_shard(path)
+            if len(samples) != self.index.count(path):
+                _say(f"data: shard {path} holds {len(samples)} samples, its index entry says "
+                     f"{self.index.count(path)}; skipping to the resume point by reading tar headers")
+                return False
+            scanned[path] = samples
+
+        def resolve(ref):
+            return (ref[0],) + scanned[ref[0]][ref[1]] if len(ref) == 2 else ref
+        self.buffer = [resolve(r) for r in self.buffer]
+        self.pending = [resolve(r) for r in self.pending]
+        return True
 
 
 class _BadSample(ValueError):
@@ -963,7 +1063,7 @@ class _PretrainStream(torch.utils.data.IterableDataset):
     ITM negatives) happens here, on the loader workers."""
 
     def __init__(self, map_sources, shard_sources, tokenizer, *, image_size, batch_size, max_text_len, mlm_prob,
-                 itm_neg_prob, rank, world_size, seed, start_batch):
+                 itm_neg_prob, rank, world_size, seed, start_batch, shard_index_dir=None):
         super().__init__()
         self.map_sources = map_sources
         self.shards = [p for s in shard_sources for p in s.shards]
@@ -976,6 +1076,7 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         self.batch_size, self.max_text_len = batch_size, max_text_len
         self.mlm_prob, self.itm_neg_prob = mlm_prob, itm_neg_prob
         self.rank, self.world_size, self.seed, self.start_batch = rank, world_size, seed, start_batch
+        self.shard_index_dir = shard_index_dir
         self._last_error = None
         self._skips_named = 0
         special = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
@@ -997,7 +1098,8 @@ class _PretrainStream(torch.utils.data.IterableDataset):
         if self.map_sources:
             streams["map"] = _MapStream(self.map_sources, self.seed, role, num_roles)
         if self.shards:
-            streams["tar"] = _ShardStream(self.shards, self.seed, role, num_roles, counters)
+            index = ShardIndex(self.shard_index_dir, role) if self.shard_index_dir else None
+            streams["tar"] = _ShardStream(self.shards, self.seed, role, num_roles, counters, index)
         chooser = random.Random(f"mix-{self.seed}-{role}")
         # slots this role filled before the resume point: its batches role_in_rank, +W, ... below start_batch
         batches_before = max(0, -(-(self.start_batch - role_in_rank) // num_workers))
@@ -1189,9 +1291,11 @@ class PretrainLoader:
 
 def build_pretrain_loader(sources="synthetic", tokenizer=None, *, split="train", image_size=288, batch_size=32,
                           max_text_len=50, mlm_prob=0.15, itm_neg_prob=0.5, rank=0, world_size=1, num_workers=0,
-                          seed=0, start_batch=0, pin_memory=False):
+                          seed=0, start_batch=0, pin_memory=False, shard_index_dir=None):
     """Infinite MLM + ITM batches (see the block comment above for how streams, ranks and resume work).
     pin_memory: page-locked batches, for training on a GPU (not on a CPU: it would start CUDA for nothing).
+    shard_index_dir: where the streams keep their tar shards' sample counts (ShardIndex), for a fast resume; the
+    training run's directory, so that the run resumed from it finds them. None: no index (a resume reads headers).
 
     All paths are checked here, before training starts: a missing file or an empty source raises, naming it.
     """
@@ -1209,7 +1313,8 @@ def build_pretrain_loader(sources="synthetic", tokenizer=None, *, split="train",
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     dataset = _PretrainStream(map_sources, shard_sources, tokenizer, image_size=image_size, batch_size=batch_size,
                               max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob, rank=rank,
-                              world_size=world_size, seed=seed, start_batch=start_batch)
+                              world_size=world_size, seed=seed, start_batch=start_batch,
+                              shard_index_dir=shard_index_dir)
     return PretrainLoader(dataset, num_workers, pin_memory)
 
 

@@ -13,8 +13,8 @@ matching (ITM), as two separate forward passes whose losses are summed.
 
 Configuration is the module globals below, overridden by config files and --key=value (train_utils.configure).
 The run directory (out_dir) gets metrics.jsonl, ckpt.pt (the latest checkpoint), final/ (save_pretrained, the
-tokenizer files and HF's preprocessor_config.json), which finetune_vqa.py can start from, and, from scratch,
-tokenizer/ (the demo tokenizer).
+tokenizer files and HF's preprocessor_config.json), which finetune_vqa.py can start from, from scratch,
+tokenizer/ (the demo tokenizer), and, with tar shards, shard_index/ (their sample counts, for a fast --resume).
 `python pretrain.py --help` lists every setting with its default.
 """
 import os
@@ -290,7 +290,8 @@ def main():
     loader = build_pretrain_loader(data, tokenizer, split="train", image_size=image_size, batch_size=micro_batch_size,
                                    max_text_len=max_text_len, mlm_prob=mlm_prob, itm_neg_prob=itm_neg_prob,
                                    rank=dist.rank, world_size=dist.world_size, num_workers=num_workers, seed=seed,
-                                   start_batch=data_position, pin_memory=dist.device.type == "cuda")
+                                   start_batch=data_position, pin_memory=dist.device.type == "cuda",
+                                   shard_index_dir=os.path.join(out_dir, "shard_index"))
     logger = tu.MetricLogger(out_dir, dist.is_master, resume=metrics_resume)
     warmup_steps = int(warmup_ratio * max_steps)
     cfg = raw_model.config

@@ -817,6 +817,64 @@ def test_resume_skips_tar_samples_without_decoding(tok, tmp_path, monkeypatch):
     assert same_batch(resumed[0], take(spec, tok, 9, batch_size=3)[8])
 
 
+def counting_scans(monkeypatch):
+    scanned = []
+    real_scan = data.scan_shard
+    monkeypatch.setattr(data, "scan_shard", lambda path: scanned.append(os.path.basename(path)) or real_scan(path))
+    return scanned
+
+
+def test_resume_by_shard_index_reads_only_the_buffered_shards(tok, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "SHUFFLE_BUFFER", 4)  # the test's shards must outnumber what the buffer holds
+    spec = shards_with_unique_captions(tmp_path, n_shards=8, per_shard=5)
+    write_tar(tmp_path / "00002.tar", [])  # an empty shard, skipped by its count of 0 (the second in seed 1's order)
+    write_tar(tmp_path / "00005.tar", [("bad", {"jpg": b"junk", "txt": b"junk caption"})] +
+              [good_sample(f"5_{i}", f"shard 5 sample {i}") for i in range(4)])
+    index_dir = tmp_path / "index"
+    kw = dict(batch_size=3, seed=1, shard_index_dir=str(index_dir))
+    full = take(spec, tok, 10, **kw)  # writes the index as it reads the shards
+    lines = [json.loads(line) for line in (index_dir / "role0.jsonl").read_text().splitlines()]
+    assert {os.path.basename(e["path"]): e["samples"] for e in lines}["00002.tar"] == 0
+    assert all(e["samples"] == 5 for e in lines if not e["path"].endswith("00002.tar"))
+
+    scanned = counting_scans(monkeypatch)
+    resumed = take(spec, tok, 2, start_batch=8, **kw)
+    assert [same_batch(a, b) for a, b in zip(full[8:], resumed)] == [True, True]
+    with_index = len(scanned)
+    scanned.clear()
+    assert [same_batch(a, b) for a, b in zip(full[8:], take(spec, tok, 2, start_batch=8, batch_size=3, seed=1))] == \
+        [True, True]
+    assert with_index < len(scanned), (with_index, scanned)  # 24 samples skipped span 5-6 shards, the buffer 1-2
+
+    # a count that no longer matches its shard (rewritten with the same size and mtime): found, and the skip redone
+    entries = [dict(e, samples=e["samples"] + 1) for e in lines]
+    (index_dir / "role0.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries) + '{"path": "cut sh')
+    capsys.readouterr()
+    assert [same_batch(a, b) for a, b in zip(full[8:], take(spec, tok, 2, start_batch=8, **kw))] == [True, True]
+    assert "its index entry says 6; skipping to the resume point by reading tar headers" in capsys.readouterr().err
+
+
+def test_shard_index_entries_follow_their_shard(tmp_path, tok, capsys):
+    path = write_tar(tmp_path / "00000.tar", [good_sample(f"k{i}", "a caption") for i in range(3)])
+    index = data.ShardIndex(str(tmp_path / "index"), role=3)
+    assert index.count(path) is None
+    index.record(path, 3)
+    fresh = data.ShardIndex(str(tmp_path / "index"), role=0)
+    fresh.load()  # every role's file: role 0 reads what role 3 wrote
+    assert fresh.count(path) == 3 and fresh.count(os.path.join(str(tmp_path), ".", "00000.tar")) == 3
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched (rewritten): rescanned, not trusted
+    assert fresh.count(path) is None
+    # an index that cannot be written costs only the fast resume
+    blocked = data.ShardIndex(str(tmp_path / "00000.tar" / "index"), role=0)
+    blocked.record(path, 3)
+    blocked.record(path, 3)
+    err = capsys.readouterr().err
+    assert err.count("not written") == 1 and "a resume will read tar headers instead" in err
+    batches = take(f"wds:{path}", tok, 1, shard_index_dir=str(tmp_path / "00000.tar" / "index"))
+    assert len(captions_of(tok, batches[0])) == 4
+
+
 def test_loader_benchmark_command():
     # `python data.py --bench` (the README's loader table): it runs, and a mistyped option is an error naming it
     import subprocess
