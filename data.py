@@ -915,8 +915,10 @@ class ShardIndex:
     64 has consumed some 575 such shards. With the counts, a resume scans only the few shards whose samples are
     still in the shuffle buffer. Each stream appends to its own file, {index_dir}/role{role}.jsonl, one JSON
     line per shard: {"path", "size", "mtime_ns", "samples"}. An entry is used only while the shard's size and
-    modification time are unchanged; a missing or stale entry means a scan, never a wrong count. The index only
-    saves time: if it cannot be written, the run goes on without it.
+    modification time are unchanged; a missing or stale entry means a scan. (A shard rewritten with other samples
+    but the same size and mtime is caught only if it is one of those rescanned; otherwise the resumed stream is
+    off by the difference in count, reading the same data in a slightly shifted order.) If the index cannot be
+    written, the run goes on without it.
     """
 
     def __init__(self, index_dir, role):
