@@ -907,57 +907,74 @@ class _MapStream:
 
 
 class ShardIndex:
-    """The sample counts of the shards a run has scanned, so that a resume skips the shards consumed before it by
-    count instead of reading their tar headers again.
+    """What one stream (role) found at each shard position it read: the shard and its sample count, so that a
+    resume skips the shards consumed before it by count instead of reading their tar headers again.
 
     A scan reads every member's header: 0.7 s for a 10k-sample, 230 MB shard from the page cache (measured), far
     longer from a cold disk or a network file system. At step 90k of the paper's recipe (batch 4096) a stream of
     64 has consumed some 575 such shards. With the counts, a resume scans only the few shards whose samples are
     still in the shuffle buffer. Each stream appends to its own file, {index_dir}/role{role}.jsonl, one JSON
-    line per shard: {"path", "size", "mtime_ns", "samples"}. An entry is used only while the shard's size and
-    modification time are unchanged; a missing or stale entry means a scan. (A shard rewritten with other samples
-    but the same size and mtime is caught only if it is one of those rescanned; otherwise the resumed stream is
-    off by the difference in count, reading the same data in a slightly shifted order.) If the index cannot be
-    written, the run goes on without it.
+    line per shard read: {"position", "path", "size", "mtime_ns", "samples"}. Keyed by position, an entry replays
+    what this stream saw there, even a scan that a read error cut short; the last line for a position wins (a
+    resumed run reads again the positions its killed predecessor read past the checkpoint). An entry is used
+    only while the shard's size and modification time are as they were; a missing or stale entry means a scan.
+    (A shard rewritten with other samples but the same size and mtime is caught only if it is one of those
+    rescanned; otherwise the resumed stream is off by the difference in count, reading the same data in a
+    slightly shifted order.) An index that cannot be read or written costs only time: the run goes on without.
     """
 
     def __init__(self, index_dir, role):
         self.index_dir, self.file = index_dir, os.path.join(index_dir, f"role{role}.jsonl")
-        self.counts, self.broken = {}, False
+        self.seen = {}  # shard position -> (real path, size, mtime_ns, samples)
+        self.broken = False
+        self._tail_checked = False
 
     @staticmethod
-    def _stamp(path):
-        st = os.stat(path)
+    def stamp(path):
+        """(real path, size, mtime_ns), or None for a shard that cannot be stat'ed (its scan reports why)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
         return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
     def load(self):
-        """Read every stream's file: any of them may have scanned a shard (a file cut short by a kill is fine)."""
-        for name in sorted(glob.glob(os.path.join(glob.escape(self.index_dir), "role*.jsonl"))):
-            with open(name, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        e = json.loads(line)
-                        self.counts[e["path"]] = (e["size"], e["mtime_ns"], int(e["samples"]))
-                    except (ValueError, KeyError, TypeError):
-                        continue  # the last line of a killed run's file may be cut short
+        try:
+            with open(self.file, encoding="utf-8", errors="replace") as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            _say(f"data: shard index {self.file} not read ({e}); skipping to the resume point by reading tar headers")
+            return
+        for line in lines:
+            try:
+                e = json.loads(line)
+                self.seen[int(e["position"])] = (e["path"], e["size"], e["mtime_ns"], int(e["samples"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # the last line of a killed run's file may be cut short
 
-    def count(self, path):
-        """The shard's sample count if indexed and unchanged since, else None."""
-        real, size, mtime_ns = self._stamp(path)
-        entry = self.counts.get(real)
-        return entry[2] if entry is not None and entry[:2] == (size, mtime_ns) else None
+    def count(self, position, path):
+        """The sample count this stream found at this position, if that shard is unchanged since, else None."""
+        entry = self.seen.get(position)
+        return entry[3] if entry is not None and entry[:3] == self.stamp(path) else None
 
-    def record(self, path, samples):
-        if self.broken:
+    def record(self, position, stamp, samples):
+        """stamp: taken before the scan, so that a shard rewritten during it does not pair new stamp, old count."""
+        if self.broken or stamp is None or self.seen.get(position) == stamp + (samples,):
             return
         try:
-            real, size, mtime_ns = self._stamp(path)
-            if self.counts.get(real) == (size, mtime_ns, samples):
-                return  # a later epoch's scan of a shard already indexed
             os.makedirs(self.index_dir, exist_ok=True)
+            line = json.dumps({"position": position, "path": stamp[0], "size": stamp[1], "mtime_ns": stamp[2],
+                               "samples": samples}) + "\n"
+            if not self._tail_checked:  # a kill may have cut the last line: end it, or this one would join it
+                self._tail_checked = True
+                with open(self.file, "ab+") as f:
+                    if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                        line = "\n" + line
             with open(self.file, "a", encoding="utf-8") as f:  # one short write a line: a kill cuts at most one
-                f.write(json.dumps({"path": real, "size": size, "mtime_ns": mtime_ns, "samples": samples}) + "\n")
-            self.counts[real] = (size, mtime_ns, samples)
+                f.write(line)
+            self.seen[position] = stamp + (samples,)
         except OSError as e:
             self.broken = True
             _say(f"data: shard index {self.file} not written ({e}); a resume will read tar headers instead")
@@ -966,9 +983,9 @@ class ShardIndex:
 class _ShardStream:
     """Samples of shards role, role+R, ... of the per-epoch shard orders, through a shuffle buffer.
 
-    The buffer holds header references (shard, offsets), so skipping to a resume point reads no image bytes. With
-    a ShardIndex that knows the consumed shards' sample counts, the skip reads no tar headers either: it runs on
-    placeholders (shard, sample number), then scans only the shards whose placeholders are left in the buffer.
+    The buffer holds header references (shard, key, member offsets), so skipping to a resume point reads no image
+    bytes. With a ShardIndex that knows the consumed shards' sample counts, the skip reads no tar headers either:
+    it runs on placeholders (shard, sample number, count), then scans only the shards of those left over.
     """
 
     def __init__(self, shards, seed, role, num_roles, counters, index=None):
@@ -990,21 +1007,23 @@ class _ShardStream:
         while not self.pending:
             if len(self.empty) == self.distinct:  # distinct: a shard listed twice would otherwise loop forever
                 raise RuntimeError(f"none of the {self.distinct} shards has a readable sample any more")
-            epoch, i = divmod(self.shard_position, len(self.shards))
+            position = self.shard_position
+            epoch, i = divmod(position, len(self.shards))
             self.shard_position += self.num_roles
             if epoch != self._epoch:
                 self._epoch = epoch
                 self._order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.shards))
             path = self.shards[int(self._order[i])]
-            count = self.index.count(path) if self._by_count else None
+            count = self.index.count(position, path) if self._by_count else None
             if count is not None:
-                self.pending = [(path, n) for n in reversed(range(count))]
+                self.pending = [(path, n, count) for n in reversed(range(count))]
                 if not count:
                     self.empty.add(path)
                 continue
+            stamp = self.index.stamp(path) if self.index is not None else None
             samples, error = scan_shard(path)
             if self.index is not None:
-                self.index.record(path, len(samples))
+                self.index.record(position, stamp, len(samples))
             if error:
                 self.counters["skipped"] += 1
                 _say(f"data: shard {path} abandoned after {len(samples)} samples: {error}")
@@ -1038,19 +1057,18 @@ class _ShardStream:
 
     def _resolve_placeholders(self):
         """Turn the placeholders left in the buffer and the current shard into header references, scanning only
-        their shards. False if a shard no longer holds the indexed number of samples."""
-        wanted = {ref[0] for ref in self.buffer + self.pending if len(ref) == 2}
+        their shards. False if a shard no longer holds the number of samples it was indexed with."""
         scanned = {}
-        for path in wanted:
-            samples, _ = scan_shard(path)
-            if len(samples) != self.index.count(path):
-                _say(f"data: shard {path} holds {len(samples)} samples, its index entry says "
-                     f"{self.index.count(path)}; skipping to the resume point by reading tar headers")
+        for path, _, count in {ref for ref in self.buffer + self.pending if type(ref[1]) is int}:
+            if path not in scanned:
+                scanned[path], _ = scan_shard(path)  # a sample before a read error is the same sample without it
+            if len(scanned[path]) != count:
+                _say(f"data: shard {path} holds {len(scanned[path])} samples, its index entry says {count}; "
+                     "skipping to the resume point by reading tar headers")
                 return False
-            scanned[path] = samples
 
         def resolve(ref):
-            return (ref[0],) + scanned[ref[0]][ref[1]] if len(ref) == 2 else ref
+            return (ref[0],) + scanned[ref[0]][ref[1]] if type(ref[1]) is int else ref
         self.buffer = [resolve(r) for r in self.buffer]
         self.pending = [resolve(r) for r in self.pending]
         return True

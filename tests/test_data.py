@@ -834,6 +834,7 @@ def test_resume_by_shard_index_reads_only_the_buffered_shards(tok, tmp_path, mon
     kw = dict(batch_size=3, seed=1, shard_index_dir=str(index_dir))
     full = take(spec, tok, 10, **kw)  # writes the index as it reads the shards
     lines = [json.loads(line) for line in (index_dir / "role0.jsonl").read_text().splitlines()]
+    assert [e["position"] for e in lines] == list(range(len(lines)))  # one stream: shard positions 0, 1, 2, ...
     assert {os.path.basename(e["path"]): e["samples"] for e in lines}["00002.tar"] == 0
     assert all(e["samples"] == 5 for e in lines if not e["path"].endswith("00002.tar"))
 
@@ -852,23 +853,67 @@ def test_resume_by_shard_index_reads_only_the_buffered_shards(tok, tmp_path, mon
     capsys.readouterr()
     assert [same_batch(a, b) for a, b in zip(full[8:], take(spec, tok, 2, start_batch=8, **kw))] == [True, True]
     assert "its index entry says 6; skipping to the resume point by reading tar headers" in capsys.readouterr().err
+    kept = (index_dir / "role0.jsonl").read_text().splitlines()
+    assert kept[len(entries)] == '{"path": "cut sh' and all(json.loads(line) for line in kept[len(entries) + 1:])
+
+
+def test_resume_by_shard_index_replays_a_scan_cut_short(tok, tmp_path, monkeypatch):
+    # a read error (a network file system's hiccup) cut the first run's scan of 00005.tar short: the resumed stream
+    # must skip what that run saw, not the whole shard it would read now
+    monkeypatch.setattr(data, "SHUFFLE_BUFFER", 4)
+    spec = shards_with_unique_captions(tmp_path, n_shards=8, per_shard=5)
+    real_scan, hiccup = data.scan_shard, ["00005.tar"]
+
+    def flaky_scan(path):
+        samples, error = real_scan(path)
+        if os.path.basename(path) in hiccup:
+            hiccup.clear()
+            return samples[:2], "OSError: [Errno 5] Input/output error"
+        return samples, error
+    monkeypatch.setattr(data, "scan_shard", flaky_scan)
+    kw = dict(batch_size=3, seed=1, shard_index_dir=str(tmp_path / "index"))
+    full = take(spec, tok, 10, **kw)
+    assert not hiccup  # 00005.tar, the first shard in seed 1's order, was read short
+    monkeypatch.setattr(data, "scan_shard", real_scan)
+    assert [same_batch(a, b) for a, b in zip(full[8:], take(spec, tok, 2, start_batch=8, **kw))] == [True, True]
 
 
 def test_shard_index_entries_follow_their_shard(tmp_path, tok, capsys):
     path = write_tar(tmp_path / "00000.tar", [good_sample(f"k{i}", "a caption") for i in range(3)])
-    index = data.ShardIndex(str(tmp_path / "index"), role=3)
-    assert index.count(path) is None
-    index.record(path, 3)
-    fresh = data.ShardIndex(str(tmp_path / "index"), role=0)
-    fresh.load()  # every role's file: role 0 reads what role 3 wrote
-    assert fresh.count(path) == 3 and fresh.count(os.path.join(str(tmp_path), ".", "00000.tar")) == 3
+    index_dir = str(tmp_path / "index")
+    index = data.ShardIndex(index_dir, role=3)
+    assert index.count(7, path) is None
+    index.record(7, index.stamp(path), 3)
+    again = data.ShardIndex(index_dir, role=3)
+    again.load()
+    assert again.count(7, path) == 3 and again.count(7, os.path.join(str(tmp_path), ".", "00000.tar")) == 3
+    assert again.count(8, path) is None
+    other = data.ShardIndex(index_dir, role=0)
+    other.load()
+    assert other.count(7, path) is None  # a stream replays only what it saw itself
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched (rewritten): rescanned, not trusted
-    assert fresh.count(path) is None
-    # an index that cannot be written costs only the fast resume
+    assert again.count(7, path) is None
+    # a line a kill cut short, then the resumed run's first line: that one stands on its own
+    with open(again.file, "a") as f:
+        f.write('{"position": 9, "pa')
+    resumed = data.ShardIndex(index_dir, role=3)
+    resumed.load()
+    resumed.record(10, resumed.stamp(path), 3)
+    final = data.ShardIndex(index_dir, role=3)
+    final.load()
+    assert final.count(10, path) == 3 and sorted(final.seen) == [7, 10]
+    # an index that cannot be read (not UTF-8, or not a file) or written costs only the fast resume
+    (tmp_path / "index" / "role5.jsonl").write_bytes(b"\xff\xfe\n")
+    os.mkdir(tmp_path / "index" / "role6.jsonl")
+    for role in (5, 6):
+        unreadable = data.ShardIndex(index_dir, role)
+        unreadable.load()
+        assert unreadable.seen == {}
+    assert "role6.jsonl not read" in capsys.readouterr().err
     blocked = data.ShardIndex(str(tmp_path / "00000.tar" / "index"), role=0)
-    blocked.record(path, 3)
-    blocked.record(path, 3)
+    blocked.record(0, blocked.stamp(path), 3)
+    blocked.record(1, blocked.stamp(path), 3)
     err = capsys.readouterr().err
     assert err.count("not written") == 1 and "a resume will read tar headers instead" in err
     batches = take(f"wds:{path}", tok, 1, shard_index_dir=str(tmp_path / "00000.tar" / "index"))
