@@ -919,8 +919,8 @@ class ShardIndex:
     resumed run reads again the positions its killed predecessor read past the checkpoint). An entry is used
     only while the shard's size and modification time are as they were; a missing or stale entry means a scan.
     (A shard rewritten with other samples but the same size and mtime is caught only if it is one of those
-    rescanned; otherwise the resumed stream is off by the difference in count, reading the same data in a
-    slightly shifted order.) An index that cannot be read or written costs only time: the run goes on without.
+    rescanned and now holds fewer samples; otherwise the resumed stream is off by the difference in count,
+    reading the same data in a slightly shifted order.) An index that cannot be read or written costs only time: the run goes on without.
     """
 
     def __init__(self, index_dir, role):
@@ -951,7 +951,7 @@ class ShardIndex:
             try:
                 e = json.loads(line)
                 self.seen[int(e["position"])] = (e["path"], e["size"], e["mtime_ns"], int(e["samples"]))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, OverflowError):
                 continue  # the last line of a killed run's file may be cut short
 
     def count(self, position, path):
@@ -1041,8 +1041,9 @@ class _ShardStream:
         return ("tar",) + self.buffer.pop()
 
     def skip(self, count):
+        if self.index is not None:
+            self.index.load()  # also with nothing to skip: a known position's scan is then not written again
         if self.index is not None and count:
-            self.index.load()
             self._by_count = True
             try:
                 for _ in range(count):
@@ -1057,12 +1058,13 @@ class _ShardStream:
 
     def _resolve_placeholders(self):
         """Turn the placeholders left in the buffer and the current shard into header references, scanning only
-        their shards. False if a shard no longer holds the number of samples it was indexed with."""
+        their shards. False if a shard now holds fewer samples than it was indexed with. (More is fine: the index
+        may hold a scan a read error cut short, and the samples before the error are the same.)"""
         scanned = {}
         for path, _, count in {ref for ref in self.buffer + self.pending if type(ref[1]) is int}:
             if path not in scanned:
-                scanned[path], _ = scan_shard(path)  # a sample before a read error is the same sample without it
-            if len(scanned[path]) != count:
+                scanned[path], _ = scan_shard(path)
+            if len(scanned[path]) < count:
                 _say(f"data: shard {path} holds {len(scanned[path])} samples, its index entry says {count}; "
                      "skipping to the resume point by reading tar headers")
                 return False
