@@ -970,7 +970,9 @@ class ShardIndex:
             if not self._tail_checked:  # a kill may have cut the last line: end it, or this one would join it
                 self._tail_checked = True
                 with open(self.file, "ab+") as f:
-                    if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(size - 1, 0))
+                    if size and f.read(1) != b"\n":
                         line = "\n" + line
             with open(self.file, "a", encoding="utf-8") as f:  # one short write a line: a kill cuts at most one
                 f.write(line)
