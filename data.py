@@ -920,7 +920,8 @@ class ShardIndex:
     only while the shard's size and modification time are as they were; a missing or stale entry means a scan.
     (A shard rewritten with other samples but the same size and mtime is caught only if it is one of those
     rescanned and now holds fewer samples; otherwise the resumed stream is off by the difference in count,
-    reading the same data in a slightly shifted order.) An index that cannot be read or written costs only time: the run goes on without.
+    reading the same data in a slightly shifted order.) An index that cannot be read or written costs only time:
+    the run goes on without it.
     """
 
     def __init__(self, index_dir, role):
@@ -1045,16 +1046,16 @@ class _ShardStream:
     def skip(self, count):
         if self.index is not None:
             self.index.load()  # also with nothing to skip: a known position's scan is then not written again
-        if self.index is not None and count:
-            self._by_count = True
-            try:
-                for _ in range(count):
-                    self.next()
-            finally:
-                self._by_count = False
-            if self._resolve_placeholders():
-                return
-            self._start()  # a shard changed under an unchanged size and mtime: skip again the slow way
+            if count:
+                self._by_count = True
+                try:
+                    for _ in range(count):
+                        self.next()
+                finally:
+                    self._by_count = False
+                if self._resolve_placeholders():
+                    return
+                self._start()  # a shard changed under an unchanged size and mtime: skip again the slow way
         for _ in range(count):
             self.next()
 
