@@ -361,9 +361,11 @@ def _tile_and_head(L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs, dropout_p):
+def _dropout_keep(seed_lo, seed_hi, bh, offs, dropout_p):
     # Counter-based RNG: element (row, col) of head bh gets philox(seed, [row*Lk + col, bh, 0, 0]),
-    # whatever tile it is computed in, so the backward regenerates the forward's mask exactly.
+    # whatever tile it is computed in, so the backward regenerates the forward's mask exactly. The 62-bit
+    # seed comes as two 31-bit ints: a Python int past int32 would be typed int64 and compile other variants.
+    seed = (seed_hi.to(tl.uint64) << 31) | seed_lo.to(tl.uint64)
     c0 = offs.to(tl.uint32)
     zero = c0 * 0
     r, _, _, _ = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
@@ -405,10 +407,10 @@ _ATTN_KEY = ["BLOCK_D", "HAS_MASK", "DROPOUT", "PREC", "LQ_BUCKET", "LK_BUCKET"]
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_ATTN_KEY)
-@triton.jit(do_not_specialize=["seed"])  # a random seed would compile new variants
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # a random seed would compile new variants
 def _attn_fwd_kernel(
     Q, K, V, KeyMask, O, LSE,
-    sm_scale, seed, dropout_p,
+    sm_scale, seed_lo, seed_hi, dropout_p,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -454,7 +456,7 @@ def _attn_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser counts dropped entries too
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[:, None] * Lk + cols[None, :], dropout_p)
+            keep = _dropout_keep(seed_lo, seed_hi, bh, rows[:, None] * Lk + cols[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
         m_i = m_new
@@ -495,10 +497,10 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.autotune(configs=_BWD_KV_CONFIGS, key=_ATTN_KEY)
-@triton.jit(do_not_specialize=["seed"])  # a random seed would compile new variants
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # a random seed would compile new variants
 def _attn_bwd_dkdv_kernel(
     Q, K, V, KeyMask, DO, LSE, Delta, DK, DV,
-    sm_scale, seed, dropout_p,
+    sm_scale, seed_lo, seed_hi, dropout_p,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -549,7 +551,7 @@ def _attn_bwd_dkdv_kernel(
         pT = tl.where(valid[:, None], pT, 0.0)
         dpT = _dot(v, tl.trans(do), PREC)  # gradient of the dropped probabilities
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[None, :] * Lk + cols[:, None], dropout_p)
+            keep = _dropout_keep(seed_lo, seed_hi, bh, rows[None, :] * Lk + cols[:, None], dropout_p)
             scale = 1.0 / (1.0 - dropout_p)
             dv += _dot(tl.where(keep, pT * scale, 0.0).to(do.dtype), do, PREC)
             dpT = tl.where(keep, dpT * scale, 0.0)
@@ -565,10 +567,10 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_BWD_Q_CONFIGS, key=_ATTN_KEY)
-@triton.jit(do_not_specialize=["seed"])  # a random seed would compile new variants
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # a random seed would compile new variants
 def _attn_bwd_dq_kernel(
     Q, K, V, KeyMask, DO, LSE, Delta, DQ,
-    sm_scale, seed, dropout_p,
+    sm_scale, seed_lo, seed_hi, dropout_p,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -612,7 +614,7 @@ def _attn_bwd_dq_kernel(
         p = tl.where(valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), PREC)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[:, None] * Lk + cols[None, :], dropout_p)
+            keep = _dropout_keep(seed_lo, seed_hi, bh, rows[:, None] * Lk + cols[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PREC)
@@ -644,10 +646,14 @@ def tf32_matmuls():
     return precision == "tf32" if precision is not None else torch.backends.cuda.matmul.allow_tf32
 
 
+SEED_LIMIT = 2**62  # dropout seeds are in [0, SEED_LIMIT), the kernels' two 31-bit halves
+_SEED_LO = 2**31 - 1
+
+
 def _draw_seed():
     # from torch's CPU generator: reproducible under torch.manual_seed, no GPU sync, and restored by
     # torch.utils.checkpoint when it recomputes a forward
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+    return int(torch.randint(0, SEED_LIMIT, (), dtype=torch.int64).item())
 
 
 class _Attention(torch.autograd.Function):
@@ -664,7 +670,7 @@ class _Attention(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)
         _attn_fwd_kernel[grid](
             q, k, v, mask_arg, o, lse,
-            D ** -0.5, seed, dropout_p,
+            D ** -0.5, seed & _SEED_LO, seed >> 31, dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides,
             H, Lq, Lk, D, _bucket(Lq), _bucket(Lk),
             HAS_MASK=has_mask, DROPOUT=dropout_p > 0, PREC=_dot_precision(q.dtype),
@@ -691,12 +697,12 @@ class _Attention(torch.autograd.Function):
         sizes = (H, Lq, Lk, D, _bucket(Lq), _bucket(Lk))
         _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
             q, k, v, mask_arg, do, lse, delta, dk, dv,
-            D ** -0.5, seed, dropout_p,
+            D ** -0.5, seed & _SEED_LO, seed >> 31, dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mask_strides,
             *sizes, **common)
         _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
             q, k, v, mask_arg, do, lse, delta, dq,
-            D ** -0.5, seed, dropout_p,
+            D ** -0.5, seed & _SEED_LO, seed >> 31, dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mask_strides,
             *sizes, **common)
         return dq, dk, dv, None, None, None
@@ -709,10 +715,10 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0, seed=None):
     projection are read in place); D <= 128 (tested at 32, 64, 128). key_mask (B,Lk): nonzero/True =
     attend, any pattern.
     A query whose keys are all masked gets output 0 and zero gradients (PyTorch's SDPA also gives 0).
-    dropout_p: dropout on the attention probabilities, drawn in the kernel from `seed`, by default one
-    taken from torch's CPU generator (a seed replays a mask: attention_dropout_mask); the model passes 0.0
-    in eval. The output is a (B,H,Lq,D) view of a (B,Lq,H,D) buffer, so out.transpose(1, 2).reshape(B, Lq, H*D)
-    costs nothing.
+    dropout_p: dropout on the attention probabilities, drawn in the kernel from `seed` (an int in [0, 2**62)),
+    by default one taken from torch's CPU generator (a seed replays a mask: attention_dropout_mask); the model
+    passes 0.0 in eval. The output is a (B,H,Lq,D) view of a (B,Lq,H,D) buffer, so
+    out.transpose(1, 2).reshape(B, Lq, H*D) costs nothing.
     """
     problem = _attention_problem(q, k, v, key_mask, dropout_p)
     if problem:
@@ -721,6 +727,8 @@ def attention(q, k, v, key_mask=None, dropout_p=0.0, seed=None):
         key_mask = key_mask.view(torch.uint8)  # same bytes; triton reads uint8 more simply than i1
     if seed is None:
         seed = _draw_seed() if dropout_p > 0 else 0
+    elif not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"attention: seed must be in [0, 2**62), got {seed}")
     with _on_device_of(q):
         return _Attention.apply(q, k, v, key_mask, float(dropout_p), int(seed))
 

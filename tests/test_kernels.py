@@ -328,6 +328,18 @@ def test_attention_dropout_rate_small_p():
     assert abs(keep.mean().item() - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)
 
 
+@needs_triton
+def test_attention_dropout_seed_has_62_bits():
+    # the seed reaches the kernels as two 31-bit halves: each half changes the mask, and the largest seed works
+    (q, k, _), _, _ = attn_inputs(1, 1, 16, 32, 32, None)
+    masks = [recover_dropout_mask(q, k, None, 0.5, seed) for seed in (7, 7 + 2**31, 2**62 - 1)]
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert 0.3 < masks[2].mean().item() < 0.7  # 512 draws of Bernoulli(0.5): 4.5 standard deviations
+    for seed in (-1, 2**62):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*62\)"):
+            bk.attention(q, k, k, None, 0.5, seed)
+
+
 # -----------------------------------------------------------------------------
 # the dispatcher
 
