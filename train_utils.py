@@ -417,14 +417,15 @@ def lock_out_dir(run_dir):
     """An exclusive lock on run_dir/run.lock for the rest of the process (rank 0 takes it): a second run in the
     same out_dir, e.g. a resumed job while the old one still runs, stops at once rather than write the same
     checkpoints and logs. The OS drops the lock when the process ends, however it ends; this process may take
-    it again (a run, then its resume, in one notebook)."""
+    it again (a run, then its resume, in one notebook). A POSIX lock (lockf), not a flock: forked loader workers,
+    which outlive a killed run by seconds, would share a flock and turn away its immediate --resume."""
     import fcntl  # POSIX only, like the rest of the GPU stack; imported here so that the module imports anywhere
     if os.path.realpath(run_dir) in _HELD_LOCKS:
         return
     os.makedirs(run_dir, exist_ok=True)
     f = open(os.path.join(run_dir, "run.lock"), "a")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
         raise RuntimeError(f"{run_dir} is in use: another process holds {run_dir}/run.lock (a run still going?); "

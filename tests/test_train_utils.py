@@ -184,6 +184,34 @@ def test_one_run_at_a_time_in_an_out_dir(tmp_path):
     assert subprocess.run(lock, cwd=ROOT, capture_output=True, text=True, timeout=60).returncode == 0
 
 
+def test_out_dir_lock_is_not_held_by_forked_children(tmp_path):
+    # A killed run's loader workers (forked, they outlive it by seconds) must not keep its lock: an immediate
+    # --resume would be told the run is still going. A flock would be shared with them; a POSIX lock is not.
+    run = str(tmp_path / "run")
+    killed_run = (
+        "import os, signal, sys, time, train_utils as tu\n"
+        "tu.lock_out_dir(sys.argv[1])\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    devnull = os.open(os.devnull, os.O_WRONLY)\n"
+        "    os.dup2(devnull, 1), os.dup2(devnull, 2)\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", killed_run, run], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    child = int(killed.stdout)
+    try:
+        os.kill(child, 0)  # the forked child still runs
+        lock = [sys.executable, "-c", "import train_utils as tu, sys; tu.lock_out_dir(sys.argv[1])", run]
+        resumed = subprocess.run(lock, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert resumed.returncode == 0, resumed.stderr
+    finally:
+        os.kill(child, 9)
+
+
 def test_resume_takes_the_settings_not_given(tmp_path, capsys):
     # what no --key gives is the checkpointed run's (a forgotten --data would otherwise train on the default data),
     # also when the run's config file is given again (it would undo the run's --key overrides); what a --key gives
