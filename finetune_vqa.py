@@ -454,9 +454,9 @@ def check_image_root(items):
 class VQADataset(torch.utils.data.Dataset):
     """Indexed by (item index, augmentation seed) pairs, which the batch schedule below produces."""
 
-    def __init__(self, items, transform, num_answers):
+    def __init__(self, items, transform, num_answers, image_size):
         check_image_root(items)
-        self.transform, self.num_answers = transform, num_answers
+        self.transform, self.num_answers, self.image_size = transform, num_answers, image_size  # (3, size, size)
         # numpy buffers, not the list of dicts, which forked loader workers would each copy (data.Packed)
         self.images = Packed([q["image"] for q in items])
         self.questions = Packed([q["question"] for q in items])
@@ -487,10 +487,13 @@ class Collate:
 
     A sample whose image could not be read is dropped, and its slot repeats a readable sample of the same batch
     (in turn), as pretraining's loader does: the batch keeps its size, so the schedule and a resumed run stay
-    as they are. "skipped_ids" lists the question ids of the dropped samples."""
+    as they are. "skipped_ids" lists the question ids of the dropped samples. A batch with no readable image
+    (a micro-batch of 1, the last few questions of a prediction) is all blank samples: black images, empty
+    questions, no target; "readable" (0 then) tells vqa_loss to weigh it 0 and predict_answers to pass it by."""
 
-    def __init__(self, tokenizer, max_len):
+    def __init__(self, tokenizer, max_len, image_size, num_answers):
         self.tokenizer, self.max_len = tokenizer, max_len
+        self.blank = (torch.zeros(3, image_size, image_size), "", torch.zeros(num_answers))
         self.reported = set()  # each bad file is named once per process, not once per question and epoch
 
     def __call__(self, samples):
@@ -500,15 +503,13 @@ class Collate:
             if s.error not in self.reported:
                 self.reported.add(s.error)
                 print(f"skipped an unreadable image: {s.error}", file=sys.stderr, flush=True)
-        if not good:
-            raise RuntimeError(f"every image of a batch of {len(samples)} is unreadable (check --image_root), "
-                               f"e.g. {bad[0].error}")
-        pixels, questions, targets, qids = zip(*good, *(good[i % len(good)] for i in range(len(bad))))
+        fill = good or [(*self.blank, s.question_id) for s in bad]
+        pixels, questions, targets, qids = zip(*good, *(fill[i % len(fill)] for i in range(len(bad))))
         text = self.tokenizer(list(questions), max_length=self.max_len, padding="longest")
         return {"pixel_values": torch.stack(pixels), "input_ids": text["input_ids"],
                 "attention_mask": text["attention_mask"], "targets": torch.stack(targets),
-                "question_ids": torch.tensor(qids), "skipped_ids": torch.tensor([s.question_id for s in bad],
-                                                                                 dtype=torch.long)}
+                "question_ids": torch.tensor(qids), "readable": torch.tensor(len(good)),
+                "skipped_ids": torch.tensor([s.question_id for s in bad], dtype=torch.long)}
 
 
 def micro_batch_schedule(n_items, start_step, accum, dist):
@@ -533,7 +534,8 @@ def micro_batch_schedule(n_items, start_step, accum, dist):
 def make_loader(dataset, batches, tokenizer, device):
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which would
     # shift the dropout masks of a resumed run (samples are seeded by micro_batch_schedule, not by this).
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(tokenizer, max_text_len),
+    collate = Collate(tokenizer, max_text_len, dataset.image_size, dataset.num_answers)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
                                        pin_memory=device.type == "cuda")
 
@@ -716,13 +718,15 @@ def make_optimizer(model, device):
 
 def vqa_loss(model, batch, device, autocast=nullcontext()):
     """BCE-with-logits against the soft scores, times the number of answers (the original's scaling: a sum over
-    answers, a mean over questions). Also the VQA score of the top answer, as the original logs in training."""
+    answers, a mean over questions). Also the VQA score of the top answer, as the original logs in training.
+    A micro-batch with no readable image (Collate's blanks) still runs forward and backward, as every rank and
+    micro-step must under DDP, with its loss weighed 0 (and a score of 0)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast:
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"], heads=("vqa",)).vqa_logits
     logits, targets = logits.float(), batch["targets"]
-    loss = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
+    loss = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1] * (batch["readable"] > 0)
     score = targets.gather(1, logits.argmax(1, keepdim=True)).mean()
     return loss, {"vqa_score": score.detach()}
 
@@ -738,18 +742,20 @@ def predict_answers(model, questions, answers, tokenizer, dist, fallback, autoca
     eval_batch_size = 2 * micro_batch_size  # no activations kept for backward
     model.eval()
     mine = questions[dist.rank::dist.world_size]
-    dataset = VQADataset(mine, eval_transform(image_size), len(answers))
+    dataset = VQADataset(mine, eval_transform(image_size), len(answers), image_size)
     loader = make_loader(dataset, [[(i, "") for i in range(s, min(s + eval_batch_size, len(mine)))]
                                    for s in range(0, len(mine), eval_batch_size)], tokenizer, dist.device)
     predictions, unreadable = {}, []
     for b in loader:
+        unreadable += b["skipped_ids"].tolist()
+        if not b["readable"]:  # blanks, no question to answer
+            continue
         with autocast:
             logits = model(b["input_ids"].to(dist.device), attention_mask=b["attention_mask"].to(dist.device),
                            pixel_values=b["pixel_values"].to(dist.device), heads=("vqa",)).vqa_logits
         # the slots of unreadable samples repeat readable ones, question ids included
         for qid, k in zip(b["question_ids"].tolist(), logits.argmax(1).tolist()):
             predictions[qid] = answers[k]
-        unreadable += b["skipped_ids"].tolist()
     predictions.update((qid, fallback) for qid in unreadable)
     if dist.world_size > 1:
         shards = [None] * dist.world_size
@@ -979,7 +985,7 @@ def main():
     loss_fn = lambda m, b: vqa_loss(m, b, dist.device, autocast)
 
     dataset = VQADataset(train_items, train_transform(image_size, scale=crop_scale, randaugment=randaugment),
-                         len(answers))
+                         len(answers), image_size)
     del train_items  # the dataset holds them packed; the list would be copied into every loader worker
     loader = iter(make_loader(dataset, micro_batch_schedule(len(dataset), step, accum, dist), tokenizer,
                               dist.device))

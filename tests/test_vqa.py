@@ -133,11 +133,16 @@ def test_loss_sums_over_answers_and_averages_over_questions():
     logits, targets = torch.randn(3, 7, generator=g), torch.rand(3, 7, generator=g)
     model = lambda *args, **kwargs: types.SimpleNamespace(vqa_logits=logits)
     batch = {"input_ids": torch.zeros(3, 4, dtype=torch.long), "attention_mask": torch.ones(3, 4),
-             "pixel_values": torch.zeros(3, 3, 8, 8), "targets": targets}
+             "pixel_values": torch.zeros(3, 3, 8, 8), "targets": targets, "readable": torch.tensor(2)}
     loss, metrics = fv.vqa_loss(model, batch, "cpu")
     want = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 3
     assert torch.allclose(loss, want, rtol=1e-6)
     assert metrics["vqa_score"].item() == pytest.approx(targets.gather(1, logits.argmax(1, keepdim=True)).mean().item())
+    # Collate's blanks (no readable image in the batch): forward and backward still run, the loss weighs 0
+    logits.requires_grad_()
+    loss, _ = fv.vqa_loss(model, dict(batch, readable=torch.tensor(0)), "cpu")
+    loss.backward()
+    assert loss.item() == 0 and logits.grad is not None and not logits.grad.any()
 
 
 def write_json(path, obj):
@@ -500,8 +505,8 @@ def test_collate_replaces_unreadable_samples(tiny_run, tmp_path, capsys):
     questions = fv.load_questions(root, "val2014")[::fv.QUESTIONS_PER_IMAGE][:5]  # 5 questions, 5 images
     for q, how in zip(questions[1:4], ("garbage", "truncated", "missing")):
         spoil(q["image"], how)
-    dataset = fv.VQADataset(questions, eval_transform(32), 7)
-    collate = fv.Collate(Tokenizer.from_dir(os.path.join(tiny_run["run"], "final")), 40)
+    dataset = fv.VQADataset(questions, eval_transform(32), 7, 32)
+    collate = fv.Collate(Tokenizer.from_dir(os.path.join(tiny_run["run"], "final")), 40, 32, 7)
     batch = collate([dataset[(i, "")] for i in range(5)])
     ids = [q["question_id"] for q in questions]
     assert batch["skipped_ids"].tolist() == ids[1:4]
@@ -513,12 +518,17 @@ def test_collate_replaces_unreadable_samples(tiny_run, tmp_path, capsys):
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 3 and all(line.startswith("skipped an unreadable image: ") for line in warnings)
     assert [sum(questions[i]["image"] in line for line in warnings) for i in (1, 2, 3)] == [1, 1, 1]
-    with pytest.raises(RuntimeError, match="every image of a batch of 3 is unreadable.*" + str(questions[1]["image_id"])):
-        collate([dataset[(i, "")] for i in (1, 2, 3)])
+    assert batch["readable"].item() == 2
+    # nothing readable to repeat (a micro-batch of 1, the last questions of a prediction): blanks, each under its
+    # own question id, with no target
+    blanks = collate([dataset[(i, "")] for i in (1, 2, 3)])
+    assert blanks["readable"].item() == 0 and blanks["skipped_ids"].tolist() == ids[1:4]
+    assert blanks["question_ids"].tolist() == ids[1:4] and blanks["pixel_values"].shape == (3, 3, 32, 32)
+    assert not blanks["pixel_values"].any() and not blanks["targets"].any() and blanks["targets"].shape == (3, 7)
     # a wrong image root fails at once, naming a path
     moved = [dict(q, image=q["image"].replace(root, str(tmp_path / "nowhere"))) for q in questions]
     with pytest.raises(FileNotFoundError, match="none of the first 5 images exist.*nowhere"):
-        fv.VQADataset(moved, eval_transform(32), 7)
+        fv.VQADataset(moved, eval_transform(32), 7, 32)
 
 
 def test_missing_eval_or_test_data_fails_before_training(tiny_run, tmp_path):
@@ -551,16 +561,18 @@ def test_unreadable_images_do_not_stop_a_run(tiny_run, tmp_path, monkeypatch):
         for k, path in enumerate(images[3::step]):
             spoil(path, ("garbage", "truncated", "missing")[k % 3])
             bad.add(path)
-    stdout = run_vqa(TINY + [f"--data_dir={root}", f"--out_dir={run}"])
+    # micro-batches of 1: a spoiled training image leaves a micro-batch with nothing readable; predictions go in
+    # batches of 2, so the spoiled image's 3 questions make one batch with a readable sample and one without
+    stdout = run_vqa(TINY + [f"--data_dir={root}", f"--out_dir={run}", "--micro_batch_size=1"])
 
-    # the count is every scheduled training sample whose image was spoiled (6 steps of 2 micro-batches of 8)
+    # the count is every scheduled training sample whose image was spoiled (6 steps of 16 micro-batches of 1)
     vocab = fv.build_answer_vocab(fv.load_annotations(root, "train2014") + fv.load_annotations(root, "val2014"),
                                   fv.min_answer_count)
     items, _, _ = fv.load_training_set(root, root, {a: i for i, a in enumerate(vocab)}, {})
     monkeypatch.setattr(fv, "batch_size", 16)
-    monkeypatch.setattr(fv, "micro_batch_size", 8)
-    schedule = fv.micro_batch_schedule(len(items), 0, 2, Dist())
-    expected = sum(items[i]["image"] in bad for _ in range(6 * 2) for i, _ in next(schedule))
+    monkeypatch.setattr(fv, "micro_batch_size", 1)
+    schedule = fv.micro_batch_schedule(len(items), 0, 16, Dist())
+    expected = sum(items[i]["image"] in bad for _ in range(6 * 16) for i, _ in next(schedule))
     assert expected > 0
     records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["skipped"] for r in records if r["kind"] == "train"][-1] == expected
