@@ -305,7 +305,9 @@ def build_answer_vocab(annotations, min_count=9):
 
 
 def answer_targets(annotation, answer_to_label):
-    """(labels, scores) of one question: the soft score of every in-vocabulary normalised human answer."""
+    """(labels, scores) of one question: the soft score of every in-vocabulary normalised human answer. Counted
+    after normalising, as BridgeTower's `_fix` VQA data ("2" and "two" are one answer); ViLT's and METER's
+    write_vqa.py counted the raw strings, a bug BridgeTower fixed."""
     counts = Counter(normalize_answer(a["answer"]) for a in annotation["answers"])
     labels = [answer_to_label[a] for a in counts if a in answer_to_label]
     scores = [soft_score(counts[a]) for a in counts if a in answer_to_label]
