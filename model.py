@@ -673,10 +673,7 @@ class BridgeTower(nn.Module):
         or heads=("vqa",) (a requested head absent from the file is freshly initialised, a head in the file that
         is not requested is dropped; both are reported). Returns the model in train mode, like any nn.Module."""
         if not os.path.exists(path):
-            # a hub id such as BridgeTower/bridgetower-base-itm-mlm: transformers would download it, this reads files
-            hub = (f"; if it is a hub id, note that this loads local files only: download it first (hf download "
-                   f"{path} --local-dir DIR) and give DIR" if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) else "")
-            raise FileNotFoundError(f"{path}: no such checkpoint (an HF directory or an original .ckpt){hub}")
+            raise no_such_path(path, "checkpoint (an HF directory or an original .ckpt)")
         if os.path.basename(path) in ("model.safetensors", "pytorch_model.bin", "config.json"):
             path = os.path.dirname(path) or "."  # a file of an HF directory: the directory
         if os.path.isdir(path):
@@ -704,6 +701,9 @@ class BridgeTower(nn.Module):
         """A new model for pre-training whose text encoder comes from an HF RobertaModel / RobertaForMaskedLM
         directory and whose image encoder comes from CLIP: an HF CLIPModel / CLIPVisionModel directory or
         OpenAI's TorchScript archive (ViT-B-16.pt). The CLIP position table is resized to config.image_size."""
+        for path, what in ((text_path, "RoBERTa directory"), (vision_path, "CLIP directory or OpenAI archive")):
+            if path is not None and not os.path.exists(path):
+                raise no_such_path(path, what)
         model = cls(config)
         if text_path is not None:
             state, source, notes = read_roberta(text_path, config)
@@ -786,6 +786,37 @@ def _init_weights(module):
 
 class CheckpointError(ValueError):
     pass
+
+
+class ModelTypeError(CheckpointError):
+    """A checkpoint of another kind of model than the one asked for (its config.json's model_type)."""
+
+
+_MODEL_KINDS = {  # kind -> (its config.json model_types, its name, where such a checkpoint is loaded)
+    "bridgetower": (("bridgetower",), "a BridgeTower", "a whole model, for from_pretrained (pretrain.py --init_from)"),
+    "roberta": (("roberta",), "a RoBERTa", "an encoder to start pre-training from, with from_unimodal's text_path "
+                "(pretrain.py --text_init)"),
+    "clip": (("clip", "clip_vision_model"), "a CLIP image encoder", "an encoder to start pre-training from, with "
+             "from_unimodal's vision_path (pretrain.py --vision_init)"),
+}
+
+
+def check_model_type(hf, wanted, directory):
+    """That an HF config.json (a dict) describes the kind of model wanted, a key of _MODEL_KINDS; one without a
+    model_type is taken at its word."""
+    model_type = hf.get("model_type", _MODEL_KINDS[wanted][0][0])
+    if model_type not in _MODEL_KINDS[wanted][0]:
+        use = [where for types, _, where in _MODEL_KINDS.values() if model_type in types]
+        raise ModelTypeError(f"{directory}: config.json describes a {model_type!r} model, not "
+                             f"{_MODEL_KINDS[wanted][1]}" + (f": {use[0]}" if use else ""))
+
+
+def no_such_path(path, what):
+    """The error for a checkpoint path that does not exist. A hub id (BridgeTower/bridgetower-base-itm-mlm) gets a
+    word on downloading it: transformers would fetch it, this reads local files only."""
+    hub = (f"; if it is a hub id, note that this loads local files only: download it first (hf download {path} "
+           "--local-dir DIR) and give DIR" if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) else "")
+    return FileNotFoundError(f"{path}: no such {what}{hub}")
 
 
 # Keys deliberately not loaded, per format (fnmatch patterns on the mapped names) -> why.
@@ -948,12 +979,7 @@ def read_hf_checkpoint(directory):
     hf = read_json(directory)
     if hf is None:
         raise FileNotFoundError(f"{directory}: no config.json")
-    model_type = hf.get("model_type", "bridgetower")
-    if model_type != "bridgetower":
-        use = {"roberta": "from_unimodal's text_path (pretrain.py --text_init)",
-               "clip": "from_unimodal's vision_path (pretrain.py --vision_init)"}.get(model_type.split("_")[0])
-        raise CheckpointError(f"{directory}: config.json describes a {model_type!r} model, not a BridgeTower"
-                              + (f": an encoder to start pre-training from, with {use}" if use else ""))
+    check_model_type(hf, "bridgetower", directory)
     state = {k.removeprefix("bridgetower."): v for k, v in raw.items()}
     state, notes = drop_ignored(state, IGNORED_HF)
     word = state.get("text_model.embeddings.word_embeddings.weight")
@@ -1180,9 +1206,11 @@ def _check_fields(found, wanted, source):
 
 def read_roberta(directory, config):
     """(state named text_model.*, source, report lines) from an HF RobertaModel / RobertaForMaskedLM directory."""
+    hf = read_json(directory) or {}
+    check_model_type(hf, "roberta", directory)
     raw, source = read_hf_weights(directory)
     c = config
-    _check_fields(read_json(directory) or {}, dict(
+    _check_fields(hf, dict(
         hidden_size=c.hidden_size, num_hidden_layers=c.text_layers, num_attention_heads=c.num_heads,
         intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, hidden_act="gelu",
         max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
@@ -1209,8 +1237,9 @@ def read_clip(path, config):
 
 
 def read_hf_clip(directory, config):
-    raw, source = read_hf_weights(directory)
     hf = read_json(directory) or {}
+    check_model_type(hf, "clip", directory)
+    raw, source = read_hf_weights(directory)
     vision = hf.get("vision_config", hf)  # CLIPModel nests it, CLIPVisionModel does not
     _check_fields(vision, dict(hidden_size=config.vision_width, num_hidden_layers=config.vision_layers,
                                num_attention_heads=config.vision_heads, hidden_act="quick_gelu",

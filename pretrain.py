@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import train_utils as tu
 from data import ImageProcessor, build_pretrain_loader, parse_sources, spec_shards, validation_spec
-from model import BridgeTower, BridgeTowerConfig, CheckpointError, ResidualAttentionBlock, TextLayer
+from model import BridgeTower, BridgeTowerConfig, CheckpointError, ModelTypeError, ResidualAttentionBlock, TextLayer
 
 # -----------------------------------------------------------------------------
 # default config: the CPU demo (config/pretrain_base.py has the paper's recipe)
@@ -194,6 +194,8 @@ def build_model(vocab_size):
     if text_init or vision_init:
         try:
             return BridgeTower.from_unimodal(config, text_path=text_init or None, vision_path=vision_init or None)
+        except ModelTypeError:  # another kind of model: no size would fit it
+            raise
         except CheckpointError as e:
             raise CheckpointError(f"{e}\n(the model is built at --model_size={model_size}: roberta-base and CLIP "
                                   "ViT-B/16 take --model_size=base, as config/pretrain_base.py sets)") from None

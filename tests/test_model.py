@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers as T
 
-from model import BridgeTower, BridgeTowerConfig, CheckpointError, contrastive_loss, config_to_hf, resize_position_table
+from model import (BridgeTower, BridgeTowerConfig, CheckpointError, ModelTypeError, contrastive_loss, config_to_hf,
+                   resize_position_table)
 
 @pytest.fixture(autouse=True)
 def one_thread(request):
@@ -486,6 +487,19 @@ def test_errors_name_the_file_and_keys(tmp_path):
     roberta = saved(T.RobertaModel(roberta_config()), tmp_path, "roberta")
     with pytest.raises(CheckpointError, match="describes a 'roberta' model, not a BridgeTower: .*--text_init"):
         BridgeTower.from_pretrained(roberta)
+    # an encoder path that holds another kind of model, or nothing: what it holds and where that belongs
+    tiny = BridgeTowerConfig.preset("tiny", vocab_size=VOCAB)
+    with pytest.raises(ModelTypeError, match="hf: config.json describes a 'bridgetower' model, not a RoBERTa: a whole "
+                                             r"model, for from_pretrained \(pretrain.py --init_from\)"):
+        BridgeTower.from_unimodal(tiny, text_path=path)
+    with pytest.raises(ModelTypeError, match="roberta: config.json describes a 'roberta' model, not a CLIP image "
+                                             "encoder: .*text_path"):
+        BridgeTower.from_unimodal(tiny, vision_path=roberta)
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such RoBERTa directory$"):
+        BridgeTower.from_unimodal(tiny, text_path=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-base-patch16: no such CLIP directory or OpenAI "
+                                                "archive; if it is a hub id, note that this loads local files only"):
+        BridgeTower.from_unimodal(tiny, vision_path="openai/clip-vit-base-patch16")
     with pytest.raises(CheckpointError, match="num_hidden_layers=4 \\(model needs 6\\)"):
         BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, text_layers=6, vision_layers=6), text_path=roberta)
     state = load_file(os.path.join(roberta, "model.safetensors"))

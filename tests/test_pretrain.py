@@ -381,6 +381,12 @@ def test_init_from_roberta_and_clip(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "init_from", "")
     with pytest.raises(CheckpointError, match=r"hidden_size=64 \(model needs 128\)(.|\n)*--model_size=tiny"):
         pretrain.build_model(vocab)
+    # another kind of model (the CLIP directory as text_init): no size would fit it, so no word on model_size
+    monkeypatch.setattr(pretrain, "text_init", str(tmp_path / "clip"))
+    with pytest.raises(CheckpointError, match="describes a 'clip_vision_model' model, not a RoBERTa: .*--vision_init"
+                       ) as e:
+        pretrain.build_model(vocab)
+    assert "model_size" not in str(e.value)
 
 
 def test_dropout_setting_replaces_the_checkpoints(tmp_path, monkeypatch):
