@@ -85,8 +85,9 @@ class BridgeTowerConfig:
             problems.append(f"link_tower_type {self.link_tower_type!r} not one of {tuple(LINK_TYPES)}")
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} not a multiple of num_heads {self.num_heads}")
-        if self.vision_width % 64:
-            problems.append(f"vision_width {self.vision_width} not a multiple of 64 (CLIP heads have width 64)")
+        if self.vision_width < 64 or self.vision_width % self.vision_heads:  # CLIP's rule, HF's too
+            problems.append(f"vision_width {self.vision_width}: CLIP blocks have vision_width // 64 heads, which must "
+                            "be at least 1 and divide the width")
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} not a multiple of patch_size {self.patch_size}")
         if not 1 <= self.cross_layers <= self.text_layers <= self.vision_layers:
@@ -101,7 +102,7 @@ class BridgeTowerConfig:
             raise ValueError("BridgeTowerConfig: " + "; ".join(problems))
 
     @property
-    def vision_heads(self):
+    def vision_heads(self):  # as OpenAI's CLIP and HF's BridgeTowerVisionModel: width 768 -> 12, 96 -> 1 head of 96
         return self.vision_width // 64
 
     @property

@@ -44,6 +44,8 @@ VARIANTS = {
     # extra ones never run), patch 8 on a 40-px image (odd 5x5 grid)
     "vision_differs": dict(vision_hidden_size=192, vision_num_hidden_layers=6, vision_patch_size=8,
                            vision_image_size=40),
+    # CLIP's heads are width // 64: one head of width 96
+    "one_wide_vision_head": dict(vision_hidden_size=96),
     # HF builds ln_separate (never used in forward) and ignores stop_gradient in BridgeTowerModel.forward
     "separate_layernorm_stop_gradient": dict(vision_share_layernorm=False, vision_stop_gradient=True),
     # every text layer feeds a cross layer (split index 1), unshared transforms, interpolate bridges
