@@ -679,6 +679,9 @@ class BridgeTower(nn.Module):
             path = os.path.dirname(path) or "."  # a file of an HF directory: the directory
         if os.path.isdir(path):
             state, config_kwargs, source, notes = read_hf_checkpoint(path)
+        elif str(path).endswith((".safetensors", ".json")):  # a shard, an index, weights renamed: not original files
+            raise CheckpointError(f"{path}: a file of an HF checkpoint alone; give the directory that holds its "
+                                  "config.json and model.safetensors (or sharded index)")
         else:
             state, config_kwargs, source, notes = read_original_checkpoint(path)
         found_heads = tuple(h for h in HEADS if any(head_of(k) == h for k in state))

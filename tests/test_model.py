@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -531,6 +532,10 @@ def test_errors_name_the_file_and_keys(tmp_path):
     with pytest.raises(FileNotFoundError, match="if it is a hub id, note that this loads local files only: download "
                                                 r"it first \(hf download BridgeTower/bridgetower-base-itm-mlm"):
         BridgeTower.from_pretrained("BridgeTower/bridgetower-base-itm-mlm")
+    shutil.copy(weights, tmp_path / "renamed.safetensors")  # HF weights without their directory and config.json
+    with pytest.raises(CheckpointError, match="renamed.safetensors: a file of an HF checkpoint alone; give the "
+                                              "directory"):
+        BridgeTower.from_pretrained(str(tmp_path / "renamed.safetensors"))
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.ckpt: cannot be read as a checkpoint"):
         BridgeTower.from_pretrained(str(tmp_path / "empty.ckpt"))
