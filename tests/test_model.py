@@ -713,10 +713,15 @@ def test_config_checks_and_presets():
     assert (tiny.hidden_size, tiny.num_heads, tiny.vision_heads, tiny.cross_layers, tiny.image_grid) == (128, 4, 2, 2, 4)
     large = BridgeTowerConfig.preset("large")
     assert (large.patch_size, large.image_size, large.image_grid ** 2 + 1) == (14, 294, 442)
-    for bad in (dict(heads=("mlm", "nlvr2")), dict(link_tower_type="concat"), dict(vision_width=100),
+    for bad in (dict(heads=("mlm", "nlvr2")), dict(link_tower_type="concat"),
                 dict(heads=("itc",), share_cross_modal_transform=False), dict(cross_layers=13)):
         with pytest.raises(ValueError):
             BridgeTowerConfig(**bad)
+    # CLIP's heads: width // 64 of them, which must divide the width (100: one head of 100, which HF runs too)
+    for width in (32, 200):
+        with pytest.raises(ValueError, match=f"vision_width {width}: CLIP blocks have vision_width // 64 heads"):
+            BridgeTowerConfig(vision_width=width)
+    assert BridgeTowerConfig(vision_width=100).vision_heads == 1
     with pytest.raises(ValueError, match="patch_size 0 not positive; image_size 0 not positive"):
         BridgeTowerConfig(image_size=0, patch_size=0)  # not a ZeroDivisionError from the divisibility check
     with pytest.raises(ValueError, match="dropouts"):
