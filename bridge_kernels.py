@@ -404,9 +404,12 @@ else:
 # PREC too: fp32 tiles built for TF32 need less shared memory than for IEEE dots (sm_80, head dim 128: a config
 # that fits with one overflows with the other), so a config tuned with TF32 on is not reused with it off
 _ATTN_KEY = ["BLOCK_D", "HAS_MASK", "DROPOUT", "PREC", "LQ_BUCKET", "LK_BUCKET"]
+# cache_results: each tuned choice is also kept on disk, in Triton's cache (TRITON_CACHE_DIR, keyed by the Triton
+# version, the GPU arch, the kernel source, the configs and the key above), so that the next run, another rank or
+# gpu_checks.sh's second step does not benchmark every config again (about 10 s a run); delete it to re-tune
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_ATTN_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_ATTN_KEY, cache_results=True)
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # a random seed would compile new variants
 def _attn_fwd_kernel(
     Q, K, V, KeyMask, O, LSE,
@@ -496,7 +499,7 @@ def _attn_bwd_delta_kernel(
     tl.store(Delta + bh.to(tl.int64) * Lq + rows, tl.sum(o * do, axis=1), mask=rows < Lq)
 
 
-@triton.autotune(configs=_BWD_KV_CONFIGS, key=_ATTN_KEY)
+@triton.autotune(configs=_BWD_KV_CONFIGS, key=_ATTN_KEY, cache_results=True)
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # a random seed would compile new variants
 def _attn_bwd_dkdv_kernel(
     Q, K, V, KeyMask, DO, LSE, Delta, DK, DV,
@@ -566,7 +569,7 @@ def _attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_BWD_Q_CONFIGS, key=_ATTN_KEY)
+@triton.autotune(configs=_BWD_Q_CONFIGS, key=_ATTN_KEY, cache_results=True)
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])  # a random seed would compile new variants
 def _attn_bwd_dq_kernel(
     Q, K, V, KeyMask, DO, LSE, Delta, DQ,
