@@ -649,8 +649,12 @@ def tf32_matmuls():
     return precision == "tf32" if precision is not None else torch.backends.cuda.matmul.allow_tf32
 
 
-SEED_LIMIT = 2**62  # dropout seeds are in [0, SEED_LIMIT), the kernels' two 31-bit halves
-_SEED_LO = 2**31 - 1
+SEED_LIMIT = 2**62  # dropout seeds are in [0, SEED_LIMIT)
+
+
+def _seed_halves(seed):
+    # what the kernels take: two 31-bit ints, which Triton types int32 whatever their value (_dropout_keep)
+    return seed & (2**31 - 1), seed >> 31
 
 
 def _draw_seed():
@@ -673,7 +677,7 @@ class _Attention(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)
         _attn_fwd_kernel[grid](
             q, k, v, mask_arg, o, lse,
-            D ** -0.5, seed & _SEED_LO, seed >> 31, dropout_p,
+            D ** -0.5, *_seed_halves(seed), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides,
             H, Lq, Lk, D, _bucket(Lq), _bucket(Lk),
             HAS_MASK=has_mask, DROPOUT=dropout_p > 0, PREC=_dot_precision(q.dtype),
@@ -700,12 +704,12 @@ class _Attention(torch.autograd.Function):
         sizes = (H, Lq, Lk, D, _bucket(Lq), _bucket(Lk))
         _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
             q, k, v, mask_arg, do, lse, delta, dk, dv,
-            D ** -0.5, seed & _SEED_LO, seed >> 31, dropout_p,
+            D ** -0.5, *_seed_halves(seed), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mask_strides,
             *sizes, **common)
         _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
             q, k, v, mask_arg, do, lse, delta, dq,
-            D ** -0.5, seed & _SEED_LO, seed >> 31, dropout_p,
+            D ** -0.5, *_seed_halves(seed), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mask_strides,
             *sizes, **common)
         return dq, dk, dv, None, None, None
