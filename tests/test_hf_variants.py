@@ -221,6 +221,32 @@ def test_tied_word_embeddings_checkpoint(tmp_path):
     assert_close(out, ref, "mlm logits")
 
 
+def test_parity_in_train_mode_with_hidden_dropout(tmp_path):
+    # the other parity tests run in eval mode, where a dropout in the wrong place (before a LayerNorm instead of
+    # after it, say) changes nothing. HF and we draw the hidden-dropout masks in the same order from torch's
+    # generator, so with attention dropout off (HF's eager attention would draw its own) one seed gives both the
+    # same masks. The two text dropouts differ, so that each is read from its own field, and written back
+    config = hf_config(text_hidden_dropout_prob=0.3, text_attention_probs_dropout_prob=0.0)
+    hf = T.BridgeTowerForImageAndTextRetrieval(config).train()
+    ours = BridgeTower.from_pretrained(saved(hf, tmp_path)).train()
+    assert (ours.config.hidden_dropout, ours.config.attention_dropout) == (0.3, 0.0)
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        torch.manual_seed(5)
+        out = ours(ids, attention_mask=mask, pixel_values=pixels).itm_logits
+        other_masks = ours(ids, attention_mask=mask, pixel_values=pixels).itm_logits
+    assert not torch.allclose(out, other_masks, atol=1e-3)  # dropout is on
+    assert_close(out, ref, "itm logits in train mode")
+    ours.save_pretrained(tmp_path / "ours")
+    back = T.BridgeTowerConfig.from_pretrained(tmp_path / "ours").text_config
+    assert (back.hidden_dropout_prob, back.attention_probs_dropout_prob) == (0.3, 0.0)
+    config = hf_config(text_hidden_dropout_prob=0.2, text_attention_probs_dropout_prob=0.4)
+    ours = BridgeTower.from_pretrained(saved(T.BridgeTowerForImageAndTextRetrieval(config), tmp_path, "other"))
+    assert (ours.config.hidden_dropout, ours.config.attention_dropout) == (0.2, 0.4)
+
+
 UNSUPPORTED = {  # HF config -> what the error must say
     "share_link_tower_layers": (dict(share_link_tower_layers=True), "share_link_tower_layers"),
     "remove_last_layer": (dict(vision_remove_last_layer=True), "remove_last_layer"),

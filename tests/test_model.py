@@ -312,6 +312,22 @@ def test_original_checkpoint(tmp_path, capsys):
     assert_close(out.mlm_logits, ref.logits, "mlm logits")
 
 
+@pytest.mark.parametrize("link", ["scaled_add", "interpolate"])
+def test_original_checkpoint_bridge_scalars(tmp_path, link):
+    # the link type of an original file is read off its bridge scalars' names (scaled_factor, beta)
+    torch.manual_seed(5)
+    hf = random_scalars(T.BridgeTowerForMaskedLM(hf_tiny_config(link))).eval()
+    original = to_original_names({k.removeprefix("bridgetower."): v for k, v in hf.state_dict().items()})
+    path = tmp_path / "BridgeTower_pt_tiny.ckpt"
+    torch.save({"state_dict": original}, path)
+    ours = BridgeTower.from_pretrained(str(path), num_heads=4, cross_layer_norm_eps=1e-5).eval()
+    assert ours.config.link_tower_type == link
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        assert_close(ours(ids, attention_mask=mask, pixel_values=pixels).mlm_logits,
+                     hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, "mlm logits")
+
+
 class _RunsCode:
     """What a pickled object can do when a file is unpickled fully: call any function, here os.system."""
 
@@ -322,24 +338,44 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+class _Calls:
+    """A pickled call of fn(*args), as _RunsCode is of os.system"""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
 class _AttributeDict(dict):  # Lightning's hyper-parameter container is a dict subclass
     pass
 
 
-def test_original_checkpoint_runs_no_code_from_the_file(tmp_path, capsys):
+def test_original_checkpoint_runs_no_code_from_the_file(tmp_path, capsys, monkeypatch):
     # A Lightning .ckpt pickles the training config's objects next to the tensors, so weights_only=True refuses
     # it. Reading it must still not run what the pickle names (os.system here): only the tensors are used.
     torch.manual_seed(6)
     hf = T.BridgeTowerForMaskedLM(hf_tiny_config()).eval()
     original = to_original_names({k.removeprefix("bridgetower."): v for k, v in hf.state_dict().items()})
-    marker = tmp_path / "code_ran"
-    hyper = _AttributeDict(config=argparse.Namespace(lr=np.float64(1e-5), sizes=np.arange(3)), hook=_RunsCode(marker))
+    marker, written = tmp_path / "code_ran", tmp_path / "file_written"
+    # the torch module's names resolve too, but only to storages, dtypes, layouts and memory formats: not to
+    # torch.save (pickled under that name, as the unpickler would meet it) or torch.set_default_dtype
+    monkeypatch.setattr(torch.serialization.save, "__module__", "torch")
+    hyper = _AttributeDict(config=argparse.Namespace(lr=np.float64(1e-5), sizes=np.arange(3)), hook=_RunsCode(marker),
+                           save=_Calls(torch.save, {}, str(written)),
+                           dtype=_Calls(torch.set_default_dtype, torch.float64))
     path = tmp_path / "BridgeTower_pt_tiny.ckpt"
     torch.save({"state_dict": original, "hyper_parameters": hyper}, path)
+    monkeypatch.undo()
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
-    ours = BridgeTower.from_pretrained(str(path))
-    assert not marker.exists()
+    try:
+        ours = BridgeTower.from_pretrained(str(path))
+    finally:
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+    assert not marker.exists() and not written.exists() and default_dtype == torch.float32
     assert "holds objects other than tensors" in capsys.readouterr().out
     loaded = ours.state_dict()
     assert torch.equal(loaded["cross_modal_text_layers.0.attention.self.query.weight"],
@@ -503,6 +539,15 @@ def test_errors_name_the_file_and_keys(tmp_path):
         BridgeTower.from_unimodal(tiny, vision_path="openai/clip-vit-base-patch16")
     with pytest.raises(CheckpointError, match="num_hidden_layers=4 \\(model needs 6\\)"):
         BridgeTower.from_unimodal(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, text_layers=6, vision_layers=6), text_path=roberta)
+    # the blocks' activations are fixed (RoBERTa's erf GELU, OpenAI CLIP's quick_gelu), so an encoder trained with
+    # another one, such as an OpenCLIP conversion's "gelu", is refused rather than run with the wrong one
+    text, vision = roberta_config(), clip_vision_config()
+    text.hidden_act, vision.hidden_act = "gelu_new", "gelu"
+    other_act = {"text_path": T.RobertaModel(text), "vision_path": T.CLIPVisionModel(vision)}
+    for argument, encoder in other_act.items():
+        with pytest.raises(CheckpointError, match="config does not match the model: hidden_act='gelu.*' "
+                                                  "\\(model needs '(quick_)?gelu'\\)"):
+            BridgeTower.from_unimodal(tiny, **{argument: saved(encoder, tmp_path, argument)})
     state = load_file(os.path.join(roberta, "model.safetensors"))
     del state["encoder.layer.3.output.dense.weight"]
     save_file(state, os.path.join(roberta, "model.safetensors"))
@@ -601,6 +646,47 @@ def test_dropout_where_the_original_has_it(monkeypatch):
     assert all(not training for _, training in hidden) and set(attn) == {0.0}
 
 
+def test_every_add_layer_norm_runs_at_its_eps(monkeypatch):
+    # the fused add + LayerNorm gets eps as an argument, not from the module's forward, and parity cannot tell
+    # 1e-12 from 1e-5: record what each call gets. Text layers and bridges at layer_norm_eps, the three residuals
+    # of a cross layer (self-attention, cross-attention, FFN) at cross_layer_norm_eps
+    import model as model_lib
+    real, seen = model_lib.bridge_add_layer_norm, []
+
+    def recording(h, c, weight, bias, eps, *args, **kwargs):
+        seen.append(eps)
+        return real(h, c, weight, bias, eps, *args, **kwargs)
+
+    monkeypatch.setattr(model_lib, "bridge_add_layer_norm", recording)
+    config = BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, layer_norm_eps=1e-6, cross_layer_norm_eps=1e-12,
+                                      heads=("itm",))
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        BridgeTower(config).eval()(ids, attention_mask=mask, pixel_values=pixels)
+    T, C = config.text_layers, config.cross_layers
+    assert len(seen) == seen.count(1e-6) + seen.count(1e-12)
+    assert (seen.count(1e-6), seen.count(1e-12)) == (2 * T + 2 * (C - 1), 2 * 3 * C)
+
+
+def test_vqa_head_is_the_originals():
+    # HF has no VQA head to compare with: the original's Linear(2H, 4H), LayerNorm(4H) at layer_norm_eps, exact
+    # (erf) GELU, Linear(4H, answers) on the pooler output, worked out by hand
+    torch.manual_seed(3)
+    config = BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("vqa",), num_vqa_answers=7, layer_norm_eps=1e-6)
+    model = BridgeTower(config).eval()
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        for p in model.vqa_classifier.parameters():
+            p.normal_()  # away from the init, so that the LayerNorm's affine and the GELU's shape matter
+        out = model(ids, attention_mask=mask, pixel_values=pixels)
+        first, norm, _, last = model.vqa_classifier
+        x = F.linear(out.pooler_output, first.weight, first.bias)
+        x = F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, 1e-6)
+        want = F.linear(0.5 * x * (1 + torch.erf(x / 2 ** 0.5)), last.weight, last.bias)
+    assert out.vqa_logits.shape == (3, 7)
+    assert_close(out.vqa_logits, want, "vqa logits")
+
+
 def test_unshared_transforms_get_gradients():
     model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, share_cross_modal_transform=False,
                                                  link_tower_type="interpolate", heads=("itm",)))
@@ -647,6 +733,9 @@ def test_image_inputs_replace_the_vision_tower():
         model(ids, pixel_values=pixels, image_inputs=tower)
     with pytest.raises(ValueError, match="expected 2 tensors .* of 3 rows"):
         model(ids, image_inputs=[x[:2] for x in tower])
+    for wrong_count in (tower[:1], tuple(tower) + tuple(tower[:1])):  # one per cross layer, no more, no fewer
+        with pytest.raises(ValueError, match="expected 2 tensors"):
+            model(ids, attention_mask=mask, image_inputs=wrong_count)
     with pytest.raises(ValueError, match="need pixel_values"):
         model(ids, image_inputs=tower, output_hidden_states=True)
 
@@ -726,6 +815,10 @@ def test_config_checks_and_presets():
         BridgeTowerConfig(image_size=0, patch_size=0)  # not a ZeroDivisionError from the divisibility check
     with pytest.raises(ValueError, match="dropouts"):
         BridgeTowerConfig(attention_dropout=1.0)
+    with pytest.raises(ValueError, match="hidden_size 128 not a multiple of num_heads 3"):
+        BridgeTowerConfig.preset("tiny", num_heads=3)
+    with pytest.raises(ValueError, match="kernels 'cuda' not one of"):
+        BridgeTowerConfig(kernels="cuda")
     assert config_to_hf(tiny)["vision_config"]["hidden_size"] == 128
 
 
