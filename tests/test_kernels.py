@@ -9,6 +9,7 @@ BRIDGETOWER_TEST_DEVICE=cuda runs the same tests with compiled kernels on a GPU 
 that in a subprocess when a GPU is present).
 """
 
+import collections
 import os
 import subprocess
 import sys
@@ -292,7 +293,7 @@ def recover_dropout_mask(q, k, key_mask, p, seed):
 
 @needs_triton
 def test_attention_dropout_rate_and_backward():
-    p, seed = 0.3, 1234
+    p, seed = 0.3, 1234 + 2**40  # both 31-bit halves non-zero: the backward regenerates the mask from both
     (q, k, v), key_mask, dout = attn_inputs(2, 2, 50, 123, 64, "random")
     keep = recover_dropout_mask(q, k, key_mask, p, seed)
     valid = key_mask[:, None, None, :].expand_as(keep)
@@ -527,6 +528,26 @@ def test_bridge_attention_paths_agree(mask_kind, monkeypatch):
         assert_fp32_close(x, y)
 
 
+@pytest.mark.parametrize("requested", ["torch", "triton"])
+def test_bridge_attention_applies_dropout_and_takes_0_1_masks(requested, monkeypatch):
+    # the model's dropout tests count what it asks the dispatcher for: here, that each path applies it. And a
+    # 0/1 integer mask (HF's attention_mask) means what a boolean one means on both paths: SDPA would add it
+    if requested == "triton" and TRITON_SKIP:
+        pytest.skip(TRITON_SKIP)
+    monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    (q, k, v), key_mask, _ = attn_inputs(2, 2, 16, 24, 32, "random")
+    with torch.no_grad():
+        torch.testing.assert_close(bk.bridge_attention(q, k, v, key_mask.long(), 0.0, requested),
+                                   bk.attention_ref(q, k, v, key_mask), rtol=0, atol=2e-5)
+        plain = bk.bridge_attention(q, k, v, key_mask, 0.0, requested)
+        torch.manual_seed(1)
+        dropped = bk.bridge_attention(q, k, v, key_mask, 0.5, requested)
+        assert (dropped - plain).abs().max() > 0.1
+        if requested == "triton":  # the kernel's own call, under the seed it draws from torch's generator
+            torch.manual_seed(1)
+            assert torch.equal(dropped, bk.attention(q, k, v, key_mask, 0.5))
+
+
 def test_import_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
@@ -682,12 +703,43 @@ def test_on_gpu():
 # -----------------------------------------------------------------------------
 # the model with kernels on and off
 
+def count_kernel_calls(monkeypatch):
+    """Counts the dispatcher's calls of the Triton entry points, by name: without it, a model that ignored its
+    `kernels` setting would run PyTorch twice, and the comparisons below would pass with nothing compared."""
+    calls = collections.Counter()
+    for name in ("attention", "add_layer_norm"):
+        kernel = getattr(bk, name)
+        monkeypatch.setattr(bk, name, lambda *args, kernel=kernel, name=name: calls.update([name]) or kernel(*args))
+    return calls
+
+
+def kernel_calls_of_a_forward(config):
+    """(attention, add+LayerNorm) calls of one forward that computes every cross layer: the text layers, the CLIP
+    blocks beside them and two a cross layer and stream; two a text layer, three a cross layer and stream, and
+    the bridges"""
+    T, C = config.text_layers, config.cross_layers
+    return {"attention": 2 * T + 4 * C, "add_layer_norm": 2 * T + 6 * C + 2 * (C - 1)}
+
+
+def test_model_config_reaches_the_dispatcher(monkeypatch):
+    # every attention and add + LayerNorm of the model asks the dispatcher for the config's `kernels`
+    model_lib = pytest.importorskip("model")
+    for kernels in ("auto", "torch", "triton"):
+        asked = []
+        monkeypatch.setattr(bk, "backend", lambda x, requested="auto", fits=True: asked.append(requested) or "torch")
+        config = model_lib.BridgeTowerConfig.preset("tiny", vocab_size=99, heads=("itm",), kernels=kernels)
+        with torch.no_grad():
+            model_lib.BridgeTower(config).eval()(torch.randint(3, 99, (2, 5)), pixel_values=torch.randn(2, 3, 64, 64))
+        assert asked == [kernels] * sum(kernel_calls_of_a_forward(config).values())
+
+
 @needs_triton
 def test_model_kernels_on_off(monkeypatch, link="interpolate"):  # "add" runs in every residual
     model_lib = pytest.importorskip("model")
     if not hasattr(model_lib, "bridge_attention"):
         pytest.skip("model.py does not call bridge_kernels yet")
     monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    calls = count_kernel_calls(monkeypatch)
     torch.manual_seed(0)
     outputs = {}
     for kernels in ("torch", "triton"):
@@ -702,6 +754,7 @@ def test_model_kernels_on_off(monkeypatch, link="interpolate"):  # "add" runs in
         mask = (torch.arange(11)[None, :] < torch.tensor([[11], [6], [1]])).long()  # padded batch
         pixels = torch.randn(3, 3, 64, 64, generator=g)
         out = model(ids.to(DEVICE), mask.to(DEVICE), pixels.to(DEVICE))
+        assert calls == ({} if kernels == "torch" else kernel_calls_of_a_forward(config))
         (out.mlm_logits.square().mean() + out.itm_logits.square().mean()).backward()
         outputs[kernels] = [out.text_features, out.image_features, out.mlm_logits, out.itm_logits] + \
                            [p.grad for p in model.parameters() if p.grad is not None]
@@ -717,6 +770,7 @@ def test_model_training_steps_kernels_on_off(monkeypatch):
     to 0 because the two backends draw different dropout masks; train mode is kept otherwise."""
     model_lib = pytest.importorskip("model")
     monkeypatch.delenv("BRIDGETOWER_KERNELS", raising=False)
+    calls = count_kernel_calls(monkeypatch)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(5, 99, (2, 9), generator=g)
@@ -744,6 +798,8 @@ def test_model_training_steps_kernels_on_off(monkeypatch):
             loss.backward()
             optimizer.step()
             losses[kernels].append(loss.item())
+        per_forward = kernel_calls_of_a_forward(config)
+        assert calls == ({} if kernels == "torch" else {name: 3 * n for name, n in per_forward.items()})
         params[kernels] = [p.detach() for p in model.parameters()]
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5, abs=1e-6)
     assert losses["torch"][-1] < losses["torch"][0]  # the steps really train

@@ -15,9 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
     import torch
+    import bridge_kernels as bk
     from model import BridgeTower, BridgeTowerConfig
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    calls = []  # the Triton entry points the dispatcher calls: a model that ignored kernels= would compare nothing
+    for name in ("attention", "add_layer_norm"):
+        setattr(bk, name, lambda *args, kernel=getattr(bk, name), name=name: calls.append(name) or kernel(*args))
 
     def build(kernels):
         # no dropout: Triton draws its own dropout masks, so only the deterministic paths compare
@@ -36,7 +40,9 @@ SCRIPT = textwrap.dedent("""
     mask[1, 4:] = 0
     pixels = torch.randn(2, 3, 64, 64)
     a = ref(ids, attention_mask=mask, pixel_values=pixels).itm_logits
+    assert not calls
     b = tri(ids, attention_mask=mask, pixel_values=pixels).itm_logits
+    assert set(calls) == {"attention", "add_layer_norm"}, calls
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     a.sum().backward()
     b.sum().backward()
@@ -50,9 +56,13 @@ SCRIPT = textwrap.dedent("""
 # GPU training's setting: bf16 autocast, so the kernels get bf16 activations beside fp32 residuals and parameters
 AUTOCAST_SCRIPT = textwrap.dedent("""
     import torch
+    import bridge_kernels as bk
     from model import BridgeTower, BridgeTowerConfig
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    calls = []  # the Triton entry points the dispatcher calls: a model that ignored kernels= would compare nothing
+    for name in ("attention", "add_layer_norm"):
+        setattr(bk, name, lambda *args, kernel=getattr(bk, name), name=name: calls.append(name) or kernel(*args))
 
     def build(kernels):
         config = BridgeTowerConfig.preset("tiny", vocab_size=120, link_tower_type="interpolate", heads=("mlm", "itm"),
@@ -71,6 +81,7 @@ AUTOCAST_SCRIPT = textwrap.dedent("""
             out = model(ids, attention_mask=mask, pixel_values=pixels)
         (out.itm_logits.float().sum() + out.mlm_logits.float().logsumexp(-1).sum()).backward()
         outs.append(out)
+        assert set(calls) == (set() if model is ref else {"attention", "add_layer_norm"}), calls
     for name in ("itm_logits", "mlm_logits", "text_features", "image_features", "pooler_output"):
         a, b = (getattr(o, name).float() for o in outs)
         err = ((a - b).abs().max() / a.abs().max()).item()
