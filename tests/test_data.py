@@ -415,6 +415,9 @@ def test_mlm_masking_statistics(tok):
     # a random token can hit the original word (1/vocab of the time), which counts as "kept"
     assert abs(frac_kept - 0.1) < 4 * sd + 0.1 / len(random_ids) and abs(frac_random - 0.1) < 4 * sd
     assert not is_special[masked[chosen & (masked != tok.mask_id)]].any()  # random replacements are real words
+    # a draw that chooses nothing still predicts one token, so that the batch's MLM loss is defined
+    _, few = data.mask_tokens(ids[:2], att[:2], is_special, random_ids, tok.mask_id, 1e-9, g)
+    assert (few != -100).sum() == 1 and candidates[:2][few != -100].all()
 
 
 def test_loader_batches_mask_and_itm_balance(tok):
@@ -711,6 +714,9 @@ def test_vg_regions_and_mixing(tok, tmp_path):
             assert captions_of(tok, batch)[i][-1] != captions_of(tok, batch)[j][-1]
     write_tar(tmp_path / "s.tar", [good_sample(f"{i:03d}", f"shard text {i}") for i in range(8)])
     mixed = take(f"{vg},wds:{tmp_path}/s.tar", tok, 4, batch_size=8)
+    # sources mix in proportion to their sizes: 6 VG samples, 8 in the shard
+    loader = data.build_pretrain_loader(f"{vg},wds:{tmp_path}/s.tar", tok, image_size=32)
+    assert loader.dataloader.dataset.map_weight == pytest.approx(6 / 14)
     caps = [c for b in mixed for c in captions_of(tok, b)]
     assert any(c.startswith("region") for c in caps) and any(c.startswith("shard text") for c in caps)
     # an ITM negative comes from the row's own data set whenever the batch holds another image of it
@@ -730,6 +736,23 @@ def test_itm_negatives_stay_within_a_data_set():
         assert (labels == 0).all()
         # the lone COCO row has no other COCO image in the batch and borrows one from any set
         assert all(j != i and (sources[j] == sources[i] or sources[i] == "coco") for i, j in enumerate(index.tolist()))
+
+
+def test_itm_negatives_never_pair_a_shared_caption():
+    # two images described alike (a repeated synthetic scene, a stock caption): either one matches the caption,
+    # so neither is a negative for it
+    keys, captions = ["a", "b", "c", "d"], ["x", "x", "y", "z"]
+    for seed in range(20):
+        index, labels = data.itm_negatives(keys, captions, 1.0, torch.Generator().manual_seed(seed))
+        assert (labels == 0).all() and not {index[0].item(), index[1].item()} & {0, 1}
+
+
+def test_map_style_samples_are_reshuffled_every_epoch():
+    # COCO and VG are small enough for many epochs of a run: each in its own order, all samples once
+    stream = data._MapStream([list(range(30)), list(range(20))], seed=0, role=0, num_roles=1)
+    first, second = ([stream.next() for _ in range(50)] for _ in range(2))
+    assert sorted(first) == sorted(second) == [("map", 0, i) for i in range(30)] + [("map", 1, i) for i in range(20)]
+    assert first != second
 
 
 def test_missing_paths_and_empty_sources_fail_before_training(tok, tmp_path):
@@ -796,6 +819,11 @@ def test_ranks_read_disjoint_data(tok, tmp_path):
     assert len(seen[0]) >= 8 and len(seen[1]) >= 8 and not seen[0] & seen[1]
     shards = [{c.split()[1] for c in s} for s in seen]
     assert not shards[0] & shards[1]  # whole shards per rank
+    # and each rank draws its own MLM masks and ITM negatives: with one draw, the same rows of every rank's batch
+    # would be the negatives
+    itm_labels = [torch.stack([b["itm_labels"] for b in take(spec, tok, 4, batch_size=5, rank=rank, world_size=2)])
+                  for rank in (0, 1)]
+    assert not torch.equal(*itm_labels)
     coco = write_coco(tmp_path, [("train", "d", f"{i}.jpg", [f"caption {i}"], scene_jpeg(i)) for i in range(12)])
     per_rank = [{c for b in take(coco, tok, 2, batch_size=3, rank=r, world_size=2) for c in captions_of(tok, b)}
                 for r in (0, 1)]
