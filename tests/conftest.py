@@ -13,9 +13,28 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def process_tree(pid):
+    """pid and every process descended from it (Linux: read from /proc)"""
+    import glob
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])  # the name, in parentheses, may hold spaces
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children.setdefault(parent, []).append(int(stat.split("/")[2]))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
 def kill_after_first_checkpoint(command, run_dir, cwd, timeout=240):
     """Start a training run and SIGKILL it as soon as run_dir/ckpt.pt exists (checkpoints are written to a
-    temporary file and renamed, so it is complete). Returns the step that checkpoint holds."""
+    temporary file and renamed, so it is complete), with every process it started (torchrun's workers, which run
+    on when their launcher dies; loader workers), as a lost node ends. Returns the step that checkpoint holds."""
     import signal
     import subprocess
     import time
@@ -25,7 +44,13 @@ def kill_after_first_checkpoint(command, run_dir, cwd, timeout=240):
     while not os.path.exists(ckpt):
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    tree = process_tree(proc.pid)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):  # stopped first: none goes on, or starts another, meanwhile
+        for pid in tree:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:  # ended meanwhile
+                pass
     proc.wait()
     assert not os.path.exists(os.path.join(run_dir, "final")), "the run finished before it was killed"
     return torch.load(ckpt, weights_only=False)["step"]

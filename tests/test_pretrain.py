@@ -105,7 +105,8 @@ def _ddp_worker(rank, port, batches, result_path):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist = tu.setup_distributed("cpu")
-    model = torch.nn.parallel.DistributedDataParallel(_tiny_model())
+    model = pretrain.wrap_for_training(_tiny_model(), dist)  # the script's own wrapping: DDP with 2 processes
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
     mine = batches[2 * rank:2 * rank + 2]  # 2 micro-steps per rank: the first runs under no_sync
     out = tu.train_step(model, mine, _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), dist=dist)
     if dist.is_master:
@@ -129,6 +130,20 @@ def test_ddp_gradients_match_single_process(tmp_path):
         torch.testing.assert_close(ddp["params"][name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
     for k in ("loss", "mlm_loss", "mlm_acc", "itm_loss", "itm_acc"):
         assert ddp["out"][k] == pytest.approx(out[k], abs=1e-5), k
+
+
+def test_evaluate_averages_over_its_batches(monkeypatch):
+    # each metric is the mean over eval_batches held-out batches (here 3, of one process), recall as scored
+    losses = iter([1.0, 2.0, 6.0])
+    monkeypatch.setattr(pretrain, "eval_batches", 3)
+    monkeypatch.setattr(pretrain, "build_pretrain_loader", lambda *args, **kwargs: iter(dict, None))
+    monkeypatch.setattr(pretrain, "pretrain_loss", lambda model, batch, device, autocast: (
+        None, {"mlm_loss": torch.tensor(next(losses)), "mlm_acc": torch.tensor(0.5)}))
+    monkeypatch.setattr(pretrain, "retrieval_recall", lambda *args: (0.25, 0.75))
+    model = torch.nn.Linear(1, 1)
+    assert pretrain.evaluate(model, None, tu.Dist(), None) == {"mlm_loss": 3.0, "mlm_acc": 0.5, "itm_r1_i2t": 0.25,
+                                                               "itm_r1_t2i": 0.75}
+    assert model.training
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -211,7 +226,7 @@ RESUME_ARGS = ["--max_steps=8", "--batch_size=16", "--micro_batch_size=8", "--im
 
 
 def _train_lines(run_dir):
-    return train_lines(run_dir, ("loss", "mlm_loss", "itm_loss", "grad_norm", "lr"))
+    return train_lines(run_dir, ("loss", "mlm_loss", "itm_loss", "grad_norm", "lr", "skipped"))
 
 
 def _final_state(run_dir):
@@ -256,11 +271,22 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 # torchrun on CPU (gloo), and the benchmark mode
 
 def test_torchrun_two_processes(tmp_path):
-    run = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
-           "--max_steps=4", "--image_size=32", "--eval_interval=2", "--eval_batches=1", "--retrieval_size=4",
-           "--ckpt_interval=2", f"--out_dir={run}"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    from data import Tokenizer
+    from test_data import good_sample, write_tar
+    run, cut = str(tmp_path / "ddp"), str(tmp_path / "cut")
+    # tar shards, two a rank, in which every fourth sample is unreadable: the count of skipped samples adds up
+    # the ranks' counts, and a resume goes on from the checkpoint's
+    (tmp_path / "shards").mkdir()
+    for s in range(4):
+        write_tar(tmp_path / "shards" / f"{s:05d}.tar", [
+            good_sample(f"{s}_{i}", f"shard {s} sample {i}") if i % 4 else (f"{s}_{i}", {"jpg": b"junk", "txt": b"x"})
+            for i in range(12)])
+    val = write_tar(tmp_path / "val.tar", [good_sample(f"val_{i}", f"held out sample {i}") for i in range(8)])
+    data = f"wds:{tmp_path}/shards/{{00000..00003}}.tar"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+                "--max_steps=4", "--image_size=32", "--eval_interval=2", "--eval_batches=1", "--retrieval_size=4",
+                "--ckpt_interval=2", "--dropout=0.1", f"--data={data}", f"--val_data=wds:{val}"]
+    out = subprocess.run(torchrun + [f"--out_dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 process(es) x 1 micro-steps x 16 = batch 32" in out.stdout
     evals = eval_line(out.stdout)
@@ -269,6 +295,19 @@ def test_torchrun_two_processes(tmp_path):
     assert {"model.safetensors", "config.json", "vocab.json", "merges.txt", "preprocessor_config.json"} <= set(
         os.listdir(os.path.join(run, "final")))
     assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)["step"] == 4
+    tokenizer = Tokenizer.from_dir(os.path.join(run, "tokenizer"))
+    per_rank = [pretrain.build_pretrain_loader(data, tokenizer, image_size=32, batch_size=16, max_text_len=20,
+                                               mlm_prob=0.3, rank=rank, world_size=2) for rank in (0, 1)]
+    per_rank = [sum(next(loader)["skipped"] for _ in range(4)) for loader in per_rank]
+    assert min(per_rank) > 0 and _train_lines(run)[4]["skipped"] == sum(per_rank)
+    # killed, both processes, after its first checkpoint and resumed: each rank takes up its own data stream where
+    # it was (data_position counts one rank's micro-batches) and its own dropout masks (rank 1 is not rank 0's copy)
+    assert kill_after_first_checkpoint(torchrun + [f"--out_dir={cut}"], cut, ROOT) == 2
+    out = subprocess.run(torchrun + [f"--out_dir={cut}", "--resume"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and f"resumed from {cut}/ckpt.pt at step 2" in out.stdout, out.stderr[-3000:]
+    assert _train_lines(cut) == _train_lines(run) and 0 < _train_lines(run)[2]["skipped"] < sum(per_rank)
+    assert_same_final_weights(run, cut)
     # a BridgeTower checkpoint (ours) as the start of another run, with its own tokenizer
     stdout = _run(["--max_steps=1", "--image_size=32", "--eval_batches=1", "--retrieval_size=4",
                    f"--init_from={run}/final", f"--out_dir={tmp_path / 'again'}"])
@@ -347,6 +386,12 @@ def test_default_run_learns(tmp_path):
     assert evals["mlm_acc"] > 0.65, stdout[-2000:]
     assert evals["itm_r1_i2t"] + evals["itm_r1_t2i"] > 4 / 16, stdout[-2000:]
     assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(run, "final")))
+    # the schedule: warmup over the first 10 % of the steps from lr / warmup, then a linear decay to 0
+    lrs = {step: line["lr"] for step, line in train_lines(run, ("lr",)).items()}
+    warmup = LEARN_STEPS // 10
+    assert lrs[1] == pytest.approx(pretrain.lr / warmup) and lrs[warmup // 2] == pytest.approx(pretrain.lr / 2)
+    assert lrs[warmup] == lrs[warmup + 1] == pytest.approx(pretrain.lr)
+    assert lrs[LEARN_STEPS] == pytest.approx(pretrain.lr / (LEARN_STEPS - warmup))
 
 
 def test_init_from_roberta_and_clip(tmp_path, monkeypatch):

@@ -171,6 +171,13 @@ def test_checkpoint_atomic(tmp_path, monkeypatch):
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     tu.save_checkpoint(tmp_path, {"step": 3})
     assert tu.load_latest_checkpoint(tmp_path)["step"] == 3 and not (tmp_path / "ckpt.pt.tmp").exists()
+    # the new file's bytes are on disk before the rename makes it the checkpoint: else a power cut soon after
+    # could leave a ckpt.pt the rename made, with no data behind it, and no previous checkpoint
+    order, real_replace = [], os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: order.append("fsync"))
+    monkeypatch.setattr(os, "replace", lambda src, dst: order.append("replace") or real_replace(src, dst))
+    tu.save_checkpoint(tmp_path, {"step": 4})
+    assert order == ["fsync", "replace"]
 
 
 def test_one_run_at_a_time_in_an_out_dir(tmp_path):
@@ -241,6 +248,12 @@ def test_resume_message_names_changed_settings():
     assert line.endswith("differ from the checkpointed run: lr: 1e-05 -> 2e-05, max_steps: 100 -> 200, seed: None -> 3")
     with pytest.raises(ValueError, match=r"other batch_size \(8 in the checkpointed run, 16 now\)"):
         tu.resume_message("out/x", 40, saved, dict(saved, lr=2e-5, batch_size=16), fixed=("batch_size", "seed"))
+
+
+def test_resume_needs_as_many_processes_as_wrote_the_checkpoint():
+    # each rank reads its own data stream, so another number of processes would replay another data order
+    with pytest.raises(ValueError, match=r"written by 2 processes; resuming needs the same number \(not 1\)"):
+        tu.model_from_checkpoint({"world_size": 2, "model_config": {}, "model": {}}, tu.Dist())
 
 
 def test_new_runs_keep_earlier_ones(tmp_path):

@@ -593,12 +593,25 @@ def test_unreadable_images_do_not_stop_a_run(tiny_run, tmp_path, monkeypatch):
 # kill and resume
 
 def vqa_train_lines(run_dir):
-    return train_lines(run_dir, ("loss", "vqa_score", "grad_norm", "lr"))
+    return train_lines(run_dir, ("loss", "vqa_score", "grad_norm", "lr", "skipped"))
+
+
+def with_unreadable_training_images(tiny_run, tmp_path, every):
+    """A copy of the tiny run's synthetic set in which every `every`-th training image is unreadable: runs on it
+    count skipped samples, which a resume must carry on and the ranks must add up."""
+    root = str(tmp_path / "vqa")
+    shutil.copytree(tiny_run["synthetic"], root)
+    images = list(dict.fromkeys(q["image"] for q in fv.load_questions(root, "train2014")))
+    for k, path in enumerate(images[::every]):
+        spoil(path, ("garbage", "truncated", "missing")[k % 3])
+    return root
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
-    # dropout on: the resumed run must draw the masks the uninterrupted one drew (the checkpoint's RNG states)
-    args = TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=8", "--test_split=", "--dropout=0.1"]
+    # dropout on: the resumed run must draw the masks the uninterrupted one drew (the checkpoint's RNG states);
+    # unreadable images before and after the cut: the count of skipped samples goes on from the checkpoint's
+    root = with_unreadable_training_images(tiny_run, tmp_path, every=5)
+    args = TINY + [f"--data_dir={root}", "--max_steps=8", "--test_split=", "--dropout=0.1"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     full_stdout = run_vqa(args + [f"--out_dir={full}"])
 
@@ -608,6 +621,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_run):
     stdout = run_vqa(args + [f"--out_dir={cut}", "--resume"])
     assert f"resumed from {cut}/ckpt.pt at step {killed_at}" in stdout
     assert vqa_train_lines(cut) == vqa_train_lines(full) and len(vqa_train_lines(full)) == 8
+    assert 0 < vqa_train_lines(full)[killed_at]["skipped"] < vqa_train_lines(full)[8]["skipped"]
     assert_same_final_weights(full, cut)
     drop_time = lambda line: {k: v for k, v in line.items() if k != "time_s"}
     assert drop_time(eval_line(stdout)) == drop_time(eval_line(full_stdout))
@@ -765,6 +779,19 @@ def test_learning_rate_schedule_of_a_run(tiny_run):
     assert lrs[200] == pytest.approx(3e-4 / 188)
 
 
+def test_epochs_set_the_length_unless_max_steps_does(tmp_path, tiny_run):
+    # max_steps=0 (the default): epochs x the full batches of an epoch, and the schedule over that many steps
+    run = str(tmp_path / "run")
+    stdout = run_vqa(TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=0", "--epochs=2",
+                             "--batch_size=128", "--micro_batch_size=64", "--eval_split=", "--test_split=",
+                             f"--out_dir={run}"])
+    steps = int(stdout.split(" steps (2.0 epochs)")[0].split()[-1])
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == steps and train[-1]["epoch"] == 2.0 and steps >= 4
+    assert train[-1]["lr"] == pytest.approx(1e-3 / (steps - int(fv.warmup_ratio * steps)))  # the decay's last step
+
+
 def test_submission_pairs_each_question_with_its_answer():
     # predictions come in the order the ranks answered them, not by question id; the submission lists
     # each id with its own answer, sorted by id
@@ -776,8 +803,10 @@ def test_two_processes_train_on_the_one_process_batches(tmp_path, tiny_run):
     # torchrun, 2 processes x 1 micro-step of 8 against 1 process x 2 micro-steps of 8: the same global batches
     # (micro_batch_schedule) from the same initial weights. The gradients then agree bit for bit: one process sums
     # g0/2 + g1/2 (each loss divided by the micro-steps), DDP averages (g0 + g1)/2, and halving is exact in binary
-    # floating point. So do the steps, the weights and the answers
-    args = TINY + [f"--synthetic_dir={tiny_run['synthetic']}", "--max_steps=3", "--ckpt_interval=2"]
+    # floating point. So do the steps, the weights and the answers, and the count of unreadable samples, which each
+    # rank counts in its own half of the batch
+    root = with_unreadable_training_images(tiny_run, tmp_path, every=3)
+    args = TINY + [f"--data_dir={root}", "--max_steps=3", "--ckpt_interval=2"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_vqa(args + [f"--out_dir={one}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *args,
@@ -786,6 +815,7 @@ def test_two_processes_train_on_the_one_process_batches(tmp_path, tiny_run):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 process(es) x 1 micro-steps x 8 = batch 16" in out.stdout
     assert vqa_train_lines(two) == vqa_train_lines(one) and sorted(vqa_train_lines(two)) == [1, 2, 3]
+    assert vqa_train_lines(two)[3]["skipped"] > 0
     assert torch.load(os.path.join(two, "ckpt.pt"), weights_only=False)["step"] == 3
     assert_same_final_weights(one, two)
     for name in ("results_val2014.json", "results_test2015.json"):
