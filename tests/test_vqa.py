@@ -820,3 +820,22 @@ def test_two_processes_train_on_the_one_process_batches(tmp_path, tiny_run):
     assert_same_final_weights(one, two)
     for name in ("results_val2014.json", "results_test2015.json"):
         assert json.load(open(os.path.join(two, name))) == json.load(open(os.path.join(one, name))), name
+
+
+def test_two_processes_kill_and_resume(tmp_path, tiny_run):
+    # both processes killed after the first checkpoint, then resumed: with dropout on, each rank goes on with its
+    # own RNG stream from the checkpoint (rank 1 not a copy of rank 0's), and the ranks' counts of unreadable
+    # samples go on from the checkpoint's sum
+    root = with_unreadable_training_images(tiny_run, tmp_path, every=3)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, *TINY,
+                f"--data_dir={root}", "--max_steps=4", "--dropout=0.1", "--eval_split=", "--test_split="]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    out = subprocess.run(torchrun + [f"--out_dir={full}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert kill_after_first_checkpoint(torchrun + [f"--out_dir={cut}"], cut, ROOT) == 2
+    out = subprocess.run(torchrun + [f"--out_dir={cut}", "--resume"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and f"resumed from {cut}/ckpt.pt at step 2" in out.stdout, out.stderr[-3000:]
+    assert vqa_train_lines(cut) == vqa_train_lines(full) and sorted(vqa_train_lines(full)) == [1, 2, 3, 4]
+    assert 0 < vqa_train_lines(full)[2]["skipped"] < vqa_train_lines(full)[4]["skipped"]
+    assert_same_final_weights(full, cut)
