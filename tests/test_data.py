@@ -1017,3 +1017,139 @@ def test_random_resized_crop_aspect_is_log_uniform():
     tall = sum(x1 - x0 < y1 - y0 for x0, y0, x1, y1 in boxes)
     assert abs(wide - tall) < 320, (wide, tall)  # 5 sigma of a fair split of 4000; uniform: ~570 apart
     assert all((x1 - x0) * (y1 - y0) == pytest.approx(250_000, rel=0.01) for x0, y0, x1, y1 in boxes)
+
+
+# -----------------------------------------------------------------------------
+# corners of the sources and the shard streams
+
+def test_random_resized_crop_fallback_clips_to_the_aspect_range():
+    # 10 draws cannot fit a 0.5..1 area crop of aspect 3/4..4/3 in a 1:10 image: torchvision's fallback is the
+    # centred crop of the whole width (height) clipped to the nearest allowed aspect, not the whole image
+    rrc = lambda w, h: data._random_resized_crop_box(w, h, (0.5, 1.0), (3 / 4, 4 / 3), random.Random(0))
+    assert rrc(100, 1000) == (0, 433, 100, 566)   # h = round(100 / (3/4)) = 133, top = (1000 - 133) // 2
+    assert rrc(1000, 100) == (433, 0, 566, 100)   # w = round(100 * 4/3) = 133
+
+
+def noise_jpeg(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_coco_json_path_may_hold_an_at_sign(tmp_path):
+    folder = tmp_path / "user@host"
+    folder.mkdir()
+    root = tmp_path / "images"
+    (root / "train2014").mkdir(parents=True)
+    (root / "train2014" / "a.jpg").write_bytes(noise_jpeg(0))
+    json_path = folder / "dataset_coco.json"
+    json_path.write_text(json.dumps({"images": [{"filepath": "train2014", "filename": "a.jpg", "split": "train",
+                                                 "sentences": [{"raw": "a caption"}]}]}))
+    (source,), shards = data.parse_sources(f"coco:{json_path}@{root}", "train", 32)
+    assert shards == [] and source.root == str(root) and len(source) == 1
+    assert source.load(0)[1] == "a caption"
+
+
+def test_tar_member_extensions_are_case_insensitive(tmp_path):
+    path = str(tmp_path / "00000.tar")
+    with tarfile.open(path, "w") as tf:
+        for name, payload in (("k0.JPG", noise_jpeg(1)), ("k0.TXT", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    samples, error = data.scan_shard(path)
+    assert error is None and [(key, sorted(members)) for key, members in samples] == [("k0", ["jpg", "txt"])]
+
+
+def test_glob_patterns_expand_in_sorted_order(tmp_path):
+    # glob's own order is the directory's, which differs between file systems: the shard order (and so each
+    # rank's share and a resumed run's position) must not depend on it
+    for name in ("00002.tar", "00000.tar", "00001.tar", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert data.expand_shards(f"{tmp_path}/*.tar") == [f"{tmp_path}/0000{i}.tar" for i in range(3)]
+    assert data.expand_shards(f"{tmp_path}/0000[01].tar") == [f"{tmp_path}/0000{i}.tar" for i in range(2)]
+
+
+def tar_of_noise(path, n):
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            for name, payload in ((f"k{i}.jpg", noise_jpeg(i)), (f"k{i}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+def test_shard_sizes_come_from_img2dataset_stats(tmp_path):
+    # img2dataset's {shard}_stats.json gives each shard's count ("successes"); only shards without one are
+    # assumed to hold as many samples as the first readable shard
+    for s, n in enumerate((4, 1, 3)):
+        tar_of_noise(tmp_path / f"{s:05d}.tar", n)
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 1, "count": 4}))
+    (tmp_path / "00002_stats.json").write_text(json.dumps({"successes": 3, "count": 4}))
+    assert data.ShardSource(f"{tmp_path}/{{00000..00002}}.tar").estimated_len == 4 + 1 + 3
+
+
+def test_train_transform_drafts_no_lower_than_its_smallest_crop():
+    # a JPEG is decoded at reduced size only as far as the smallest random crop (area 0.5, aspect 3/4) still holds
+    # `size` pixels a side: drafting to `size` for the whole image would upsample the crop (3 uint8 levels off
+    # on average here, against 1 for the drafted decode the transform makes)
+    buf = io.BytesIO()
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:768, 0:1024]
+    arr = np.clip(np.stack([x / 4, y / 3, (x + y) % 64 * 4], -1) + rng.normal(0, 20, (768, 1024, 3)), 0, 255)
+    Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=90)
+    payload = buf.getvalue()
+    level = 1 / 255 / min(data.CLIP_STD)
+    for seed in range(3):
+        fast = data.train_transform(96, scale=(0.5, 0.5), randaugment=(0, 5))(Image.open(io.BytesIO(payload)),
+                                                                              random.Random(seed))
+        full = data.train_transform(96, scale=(0.5, 0.5), randaugment=(0, 5), use_draft=False)(
+            Image.open(io.BytesIO(payload)), random.Random(seed))
+        assert (fast - full).abs().mean() < 1.7 * level, seed
+
+
+def test_tar_samples_pass_a_shuffle_buffer(tmp_path, monkeypatch):
+    path = tar_of_noise(tmp_path / "00000.tar", 24)
+    stream = data._ShardStream([path], seed=0, role=0, num_roles=1, counters={"skipped": 0})
+    keys = [stream.next()[2] for _ in range(12)]
+    assert keys != [f"k{i}" for i in range(12)]  # not the file order
+    assert len(set(keys)) == 12
+
+
+def test_a_resumed_stream_does_not_index_a_shard_twice(tmp_path, monkeypatch):
+    # the resumed run reads again the shard positions its predecessor read past the checkpoint: their entries are
+    # already in the index and are not appended again (also for a stream with nothing to skip)
+    monkeypatch.setattr(data, "SHUFFLE_BUFFER", 4)
+    tok = data.demo_tokenizer(str(tmp_path / "tok"))
+    spec = shards_with_unique_captions(tmp_path, n_shards=8, per_shard=5)
+    kw = dict(batch_size=3, seed=1, shard_index_dir=str(tmp_path / "index"))
+    take(spec, tok, 10, **kw)
+    before = (tmp_path / "index" / "role0.jsonl").read_text()
+    take(spec, tok, 2, start_batch=8, **kw)
+    take(spec, tok, 2, start_batch=0, **kw)
+    assert (tmp_path / "index" / "role0.jsonl").read_text() == before
+
+
+def test_the_last_index_line_of_a_position_wins(tmp_path):
+    # a scan cut short by a read error recorded 2 samples; the resumed run read that position again and found 5:
+    # a second resume must replay what the stream saw last (5), not the first run's 2
+    path = tar_of_noise(tmp_path / "00000.tar", 5)
+    first = data.ShardIndex(str(tmp_path / "index"), role=0)
+    first.record(7, first.stamp(path), 2)
+    resumed = data.ShardIndex(str(tmp_path / "index"), role=0)
+    resumed.load()
+    resumed.record(7, resumed.stamp(path), 5)
+    again = data.ShardIndex(str(tmp_path / "index"), role=0)
+    again.load()
+    assert again.count(7, path) == 5
+
+
+def test_a_coco_json_without_root_finds_its_images_beside_it(tmp_path):
+    (tmp_path / "train2014").mkdir()
+    (tmp_path / "train2014" / "a.jpg").write_bytes(noise_jpeg(0))
+    json_path = tmp_path / "dataset_coco.json"
+    json_path.write_text(json.dumps({"images": [{"filepath": "train2014", "filename": "a.jpg", "split": "train",
+                                                 "sentences": [{"raw": "a caption"}]}]}))
+    (source,), _ = data.parse_sources(f"coco:{json_path}", "train", 32)
+    assert source.root == str(tmp_path) and source.load(0)[1] == "a caption"

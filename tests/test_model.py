@@ -510,6 +510,7 @@ def test_errors_name_the_file_and_keys(tmp_path):
     weights = os.path.join(path, "model.safetensors")
     state = load_file(weights)
     state.pop("bridgetower.cross_modal_text_pooler.dense.bias")
+    state.pop("itm_score.fc.bias")  # a head the file has, less one of its tensors: not left at its random init
     state["bridgetower.cross_modal_text_mystery.weight"] = torch.zeros(3)
     state["itm_score.fc.weight"] = torch.zeros(2, 7)
     save_file(state, weights)
@@ -517,7 +518,7 @@ def test_errors_name_the_file_and_keys(tmp_path):
         BridgeTower.from_pretrained(path)
     msg = str(e.value)
     assert weights in msg
-    assert "missing: cross_modal_text_pooler.dense.bias" in msg
+    assert "missing: cross_modal_text_pooler.dense.bias, itm_score.fc.bias" in msg
     assert "unexpected: cross_modal_text_mystery.weight" in msg
     assert "mis-shaped: itm_score.fc.weight (file (2, 7), model (2, 256))" in msg
 
@@ -820,6 +821,62 @@ def test_config_checks_and_presets():
     with pytest.raises(ValueError, match="kernels 'cuda' not one of"):
         BridgeTowerConfig(kernels="cuda")
     assert config_to_hf(tiny)["vision_config"]["hidden_size"] == 128
+
+
+def test_save_pretrained_keeps_the_pad_token_id(tmp_path):
+    config = BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, pad_token_id=0, heads=("itm",))
+    BridgeTower(config).save_pretrained(tmp_path / "ours")
+    assert T.BridgeTowerConfig.from_pretrained(tmp_path / "ours").text_config.pad_token_id == 0
+    assert BridgeTower.from_pretrained(tmp_path / "ours").config == config
+
+
+def test_position_limit_counts_from_the_pad_id():
+    # positions of a text of n tokens run pad + 1 .. pad + n: the table of 12 rows holds 11 tokens at pad 0, 8 at pad 3
+    torch.manual_seed(27)
+    pixels = inputs()[2][:1]
+    ids = torch.randint(4, VOCAB, (1, 11))
+    pad0 = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("itm",), max_position_embeddings=12,
+                                                pad_token_id=0)).eval()
+    with torch.no_grad():
+        pad0(ids, pixel_values=pixels)  # 11 tokens fit
+    pad3 = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("itm",), max_position_embeddings=12,
+                                                pad_token_id=3)).eval()
+    with pytest.raises(ValueError, match=r"a text of 9 tokens; .* holds 8"):
+        pad3(ids[:, :9], pixel_values=pixels)
+
+
+def test_original_checkpoint_with_unshared_transforms(tmp_path):
+    torch.manual_seed(5)
+    hf = T.BridgeTowerForMaskedLM(hf_tiny_config(share=False)).eval()
+    original = to_original_names({k.removeprefix("bridgetower."): v for k, v in hf.state_dict().items()})
+    path = tmp_path / "BridgeTower_pt_tiny.ckpt"
+    torch.save({"state_dict": original}, path)
+    ours = BridgeTower.from_pretrained(str(path), num_heads=4, cross_layer_norm_eps=1e-5).eval()
+    assert not ours.config.share_cross_modal_transform
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        assert_close(ours(ids, attention_mask=mask, pixel_values=pixels).mlm_logits,
+                     hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, "mlm logits")
+
+
+def test_original_vqa_checkpoint_answer_count(tmp_path):
+    torch.manual_seed(5)
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("vqa",), num_vqa_answers=7))
+    original = to_original_names(model.state_dict())
+    path = tmp_path / "BridgeTower_vqa_tiny.ckpt"
+    torch.save({"state_dict": original}, path)
+    ours = BridgeTower.from_pretrained(str(path))
+    assert ours.config.heads == ("vqa",) and ours.config.num_vqa_answers == 7
+    assert torch.equal(ours.vqa_classifier[3].weight, model.vqa_classifier[3].weight)
+
+
+def test_attentions_need_pixel_values():
+    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("itm",))).eval()
+    ids, mask, pixels = inputs()
+    with torch.no_grad():
+        tower = model.encode_image(pixels)
+        with pytest.raises(ValueError, match="need pixel_values"):
+            model(ids, image_inputs=tower, output_attentions=True)
 
 
 # -----------------------------------------------------------------------------

@@ -619,3 +619,20 @@ def test_resume_keeps_this_runs_fused_adamw():
     unfused.step()
     torch.testing.assert_close(p, q)
     assert fused.state[p]["step"].item() == unfused.state[q]["step"].item() == 3
+
+
+def test_a_config_file_between_two_keys_makes_them_not_consecutive(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 64\n")
+    config = tu.configure(_defaults(), ["--lr=0.1", str(cfg), "--lr=0.2"])
+    assert config["lr"] == 0.2 and config["batch_size"] == 64
+
+
+def test_resume_never_pads_a_shorter_metrics_file(tmp_path):
+    # the checkpoint recorded a size the file no longer reaches (deleted or cut since): nothing is cut, and the file
+    # is not extended with NUL bytes to that size either
+    log = tu.MetricLogger(tmp_path, is_master=True)
+    log.log(1, echo=False, loss=1.0)
+    tu.MetricLogger(tmp_path, is_master=True, resume=(5, 10_000)).log(6, echo=False, loss=0.5)
+    raw = open(tmp_path / "metrics.jsonl", "rb").read()
+    assert b"\0" not in raw and [l.count(b"{") for l in raw.splitlines()] == [1, 1, 1]

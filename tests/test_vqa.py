@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+import data
 import finetune_vqa as fv
 import train_utils as tu
 from conftest import assert_same_final_weights, eval_line, kill_after_first_checkpoint, run_script, train_lines
@@ -545,10 +546,13 @@ def test_missing_eval_or_test_data_fails_before_training(tiny_run, tmp_path):
                              timeout=300)
         assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
         assert "step 1 " not in out.stdout and not (tmp_path / "run" / "ckpt.pt").exists()
-    shutil.rmtree(os.path.join(root, "test2015"))
-    out = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "none of the first" in out.stderr and "test2015" in out.stderr
-    assert "step 1 " not in out.stdout
+    # the submission's images, then the evaluation's (with no submission, so that only its own check can see it)
+    for images, extra in (("test2015", []), ("val2014", ["--test_split="])):
+        shutil.rmtree(os.path.join(root, images))
+        out = subprocess.run([sys.executable, SCRIPT, *args, *extra], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode != 0 and "none of the first" in out.stderr and images in out.stderr, out.stderr[-2000:]
+        assert "step 1 " not in out.stdout
 
 
 def test_unreadable_images_do_not_stop_a_run(tiny_run, tmp_path, monkeypatch):
@@ -839,3 +843,123 @@ def test_two_processes_kill_and_resume(tmp_path, tiny_run):
     assert vqa_train_lines(cut) == vqa_train_lines(full) and sorted(vqa_train_lines(full)) == [1, 2, 3, 4]
     assert 0 < vqa_train_lines(full)[2]["skipped"] < vqa_train_lines(full)[4]["skipped"]
     assert_same_final_weights(full, cut)
+
+
+# -----------------------------------------------------------------------------
+# settings that must reach the code
+
+SPY = """
+import inspect, sys
+import data
+import finetune_vqa as fv
+real = fv.train_transform
+def spy(*a, **k):
+    bound = inspect.signature(real).bind(*a, **k)
+    bound.apply_defaults()
+    print("TRAIN_TRANSFORM", dict(scale=tuple(bound.arguments["scale"]), randaugment=tuple(bound.arguments["randaugment"])), flush=True)
+    return real(*a, **k)
+fv.train_transform = spy
+sys.argv = ["finetune_vqa.py"] + sys.argv[1:]
+fv.main()
+"""
+
+
+def test_crop_and_randaugment_settings_reach_the_training_transform(tmp_path):
+    args = ["--init_from=", "--image_size=32", "--synthetic_images=40", "--batch_size=16", "--micro_batch_size=16",
+            "--max_steps=1", "--num_workers=0", "--eval_split=", "--test_split=", "--min_answer_count=1",
+            f"--synthetic_dir={tmp_path / 'syn'}", f"--out_dir={tmp_path / 'run'}",
+            "--crop_scale=(0.8, 0.9)", "--randaugment=(1, 3)"]
+    out = subprocess.run([sys.executable, "-c", SPY, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = [l for l in out.stdout.splitlines() if l.startswith("TRAIN_TRANSFORM")]
+    assert lines == ["TRAIN_TRANSFORM {'scale': (0.8, 0.9), 'randaugment': (1, 3)}"], out.stdout[-2000:]
+
+
+def test_augmentation_follows_the_schedule_seed(tmp_path):
+    # micro_batch_schedule gives each (epoch, item) its own seed: the dataset must draw the augmentation from it,
+    # so that an item is augmented anew every epoch (and the same way on a resume)
+    root = fv.write_synthetic_vqa(str(tmp_path), {"train2014": 1, "val2014": 1, "test2015": 2})
+    items = [dict(q, labels=[0], scores=[1.0]) for q in fv.load_questions(root, "train2014")]
+    dataset = fv.VQADataset(items, data.train_transform(32), 1, 32)
+    epoch0, again, epoch1 = (dataset[(0, s)][0] for s in ("0-0-0", "0-0-0", "0-1-0"))
+    assert torch.equal(epoch0, again) and not torch.equal(epoch0, epoch1)
+
+
+def test_eval_only_scores_at_the_image_size_given(tmp_path):
+    tokenizer, tok_dir = tu.load_tokenizer("", str(tmp_path / "tok"))
+    root = fv.write_synthetic_vqa(str(tmp_path / "syn"), {"train2014": 40, "val2014": 8, "test2015": 2})
+    answers = ["yes", "no", "1", "2", "red"]
+    model_dir = str(tmp_path / "final")
+    torch.manual_seed(0)
+    BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=tokenizer.vocab_size, image_size=32, heads=("vqa",),
+                                         num_vqa_answers=len(answers))).save_pretrained(model_dir)
+    json.dump(answers, open(os.path.join(model_dir, "answers.json"), "w"))
+    tu.copy_tokenizer(tok_dir, model_dir)
+    args = [sys.executable, "finetune_vqa.py", "--eval_only", f"--init_from={model_dir}", f"--synthetic_dir={root}",
+            "--synthetic_images=40", "--num_workers=0", "--test_split=", "--image_size=48",
+            f"--out_dir={tmp_path / 'e'}"]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"from {model_dir} at 48px, scored as it is" in out.stdout, out.stdout[-2000:]
+
+
+def test_predictions_see_the_evaluation_transform(tmp_path, monkeypatch):
+    # evaluation and the submission score the whole image squashed to size x size (eval_transform), never a random
+    # crop with RandAugment: the pixels the model is given are exactly those
+    from PIL import Image
+    root = fv.write_synthetic_vqa(str(tmp_path), {"train2014": 1, "val2014": 3, "test2015": 2})
+    questions = fv.load_questions(root, "val2014")
+    tokenizer, _ = tu.load_tokenizer("", str(tmp_path / "tok"))
+    monkeypatch.setattr(fv, "image_size", 32)
+    monkeypatch.setattr(fv, "micro_batch_size", 2)
+    monkeypatch.setattr(fv, "num_workers", 0)
+    seen = []
+
+    class Fake(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, pixel_values=None, heads=()):
+            seen.append(pixel_values)
+            return types.SimpleNamespace(vqa_logits=torch.zeros(len(input_ids), 2))
+    fv.predict_answers(Fake(), questions, ["yes", "no"], tokenizer, tu.Dist(), "yes")
+    want = torch.stack([data.eval_transform(32)(Image.open(q["image"])) for q in questions])
+    assert torch.equal(torch.cat(seen), want)
+
+
+def test_synthetic_set_is_rewritten_for_other_settings(tmp_path):
+    # a synthetic_dir left by a run with another --synthetic_images (or seed) is rewritten, not silently reused
+    root = str(tmp_path)
+    fv.write_synthetic_vqa(root, {"train2014": 2, "val2014": 1, "test2015": 2})
+    first = fv.load_questions(root, "train2014")
+    fv.write_synthetic_vqa(root, {"train2014": 3, "val2014": 1, "test2015": 2})
+    assert len(fv.load_questions(root, "train2014")) == 3 * fv.QUESTIONS_PER_IMAGE == len(first) + 3
+    fv.write_synthetic_vqa(root, {"train2014": 3, "val2014": 1, "test2015": 2}, seed=1)
+    reseeded = [q["question"] for q in fv.load_questions(root, "train2014")]
+    fv.write_synthetic_vqa(str(tmp_path / "fresh"), {"train2014": 3, "val2014": 1, "test2015": 2}, seed=1)
+    assert reseeded == [q["question"] for q in fv.load_questions(str(tmp_path / "fresh"), "train2014")]
+
+
+def test_training_batches_truncate_questions_at_max_text_len(tmp_path, monkeypatch):
+    root = fv.write_synthetic_vqa(str(tmp_path), {"train2014": 4, "val2014": 1, "test2015": 2})
+    items = [dict(q, labels=[0], scores=[1.0]) for q in fv.load_questions(root, "train2014")]
+    tokenizer, _ = tu.load_tokenizer("", str(tmp_path / "tok"))
+    monkeypatch.setattr(fv, "max_text_len", 6)
+    monkeypatch.setattr(fv, "num_workers", 0)
+    dataset = fv.VQADataset(items, data.eval_transform(32), 1, 32)
+    assert max(len(tokenizer(q["question"], padding="longest")["input_ids"][0]) for q in items) > 6
+    batch = next(iter(fv.make_loader(dataset, [[(i, "") for i in range(len(items))]], tokenizer, torch.device("cpu"))))
+    assert batch["input_ids"].shape[1] == 6 and (batch["input_ids"][:, -1] == tokenizer.sep_id).all()
+
+
+ONE_STEP_ARGS = ["--init_from=", "--image_size=32", "--synthetic_images=40", "--batch_size=16", "--micro_batch_size=16",
+               "--num_workers=0", "--eval_split=", "--test_split=", "--min_answer_count=1", "--ckpt_interval=1"]
+
+
+def test_resume_with_only_out_dir_continues_the_run(tmp_path):
+    run = str(tmp_path / "run")
+    first = ONE_STEP_ARGS + [f"--synthetic_dir={tmp_path / 'syn'}", f"--out_dir={run}", "--max_steps=1"]
+    out = subprocess.run([sys.executable, "finetune_vqa.py", *first], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "finetune_vqa.py", "--resume", f"--out_dir={run}", "--max_steps=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resumed from {run}/ckpt.pt at step 1" in out.stdout and "step 2 |" in out.stdout
