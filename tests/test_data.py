@@ -1109,7 +1109,8 @@ def test_train_transform_drafts_no_lower_than_its_smallest_crop():
         assert (fast - full).abs().mean() < 1.7 * level, seed
 
 
-def test_tar_samples_pass_a_shuffle_buffer(tmp_path, monkeypatch):
+def test_tar_samples_pass_a_shuffle_buffer(tmp_path):
+    # a shard's samples come out of a shuffle buffer, each once: never in the order the tar holds them
     path = tar_of_noise(tmp_path / "00000.tar", 24)
     stream = data._ShardStream([path], seed=0, role=0, num_roles=1, counters={"skipped": 0})
     keys = [stream.next()[2] for _ in range(12)]
@@ -1117,11 +1118,10 @@ def test_tar_samples_pass_a_shuffle_buffer(tmp_path, monkeypatch):
     assert len(set(keys)) == 12
 
 
-def test_a_resumed_stream_does_not_index_a_shard_twice(tmp_path, monkeypatch):
+def test_a_resumed_stream_does_not_index_a_shard_twice(tok, tmp_path, monkeypatch):
     # the resumed run reads again the shard positions its predecessor read past the checkpoint: their entries are
     # already in the index and are not appended again (also for a stream with nothing to skip)
     monkeypatch.setattr(data, "SHUFFLE_BUFFER", 4)
-    tok = data.demo_tokenizer(str(tmp_path / "tok"))
     spec = shards_with_unique_captions(tmp_path, n_shards=8, per_shard=5)
     kw = dict(batch_size=3, seed=1, shard_index_dir=str(tmp_path / "index"))
     take(spec, tok, 10, **kw)
