@@ -282,10 +282,10 @@ def test_torchrun_two_processes(tmp_path):
             good_sample(f"{s}_{i}", f"shard {s} sample {i}") if i % 4 else (f"{s}_{i}", {"jpg": b"junk", "txt": b"x"})
             for i in range(12)])
     val = write_tar(tmp_path / "val.tar", [good_sample(f"val_{i}", f"held out sample {i}") for i in range(8)])
-    data = f"wds:{tmp_path}/shards/{{00000..00003}}.tar"
+    shards = f"wds:{tmp_path}/shards/{{00000..00003}}.tar"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
                 "--max_steps=4", "--image_size=32", "--eval_interval=2", "--eval_batches=1", "--retrieval_size=4",
-                "--ckpt_interval=2", "--dropout=0.1", f"--data={data}", f"--val_data=wds:{val}"]
+                "--ckpt_interval=2", "--dropout=0.1", f"--data={shards}", f"--val_data=wds:{val}"]
     out = subprocess.run(torchrun + [f"--out_dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 process(es) x 1 micro-steps x 16 = batch 32" in out.stdout
@@ -296,7 +296,7 @@ def test_torchrun_two_processes(tmp_path):
         os.listdir(os.path.join(run, "final")))
     assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=False)["step"] == 4
     tokenizer = Tokenizer.from_dir(os.path.join(run, "tokenizer"))
-    per_rank = [pretrain.build_pretrain_loader(data, tokenizer, image_size=32, batch_size=16, max_text_len=20,
+    per_rank = [pretrain.build_pretrain_loader(shards, tokenizer, image_size=32, batch_size=16, max_text_len=20,
                                                mlm_prob=0.3, rank=rank, world_size=2) for rank in (0, 1)]
     per_rank = [sum(next(loader)["skipped"] for _ in range(4)) for loader in per_rank]
     assert min(per_rank) > 0 and _train_lines(run)[4]["skipped"] == sum(per_rank)

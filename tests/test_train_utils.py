@@ -622,6 +622,7 @@ def test_resume_keeps_this_runs_fused_adamw():
 
 
 def test_a_config_file_between_two_keys_makes_them_not_consecutive(tmp_path):
+    # --lr twice, a config file between: two overrides in order, not a key given twice in a row
     cfg = tmp_path / "c.py"
     cfg.write_text("batch_size = 64\n")
     config = tu.configure(_defaults(), ["--lr=0.1", str(cfg), "--lr=0.2"])

@@ -848,16 +848,22 @@ def test_two_processes_kill_and_resume(tmp_path, tiny_run):
 # -----------------------------------------------------------------------------
 # settings that must reach the code
 
+# one step of a random tiny model on 40 synthetic images, no evaluation, no submission
+ONE_STEP_ARGS = ["--init_from=", "--image_size=32", "--synthetic_images=40", "--batch_size=16", "--micro_batch_size=16",
+                 "--max_steps=1", "--num_workers=0", "--eval_split=", "--test_split=", "--min_answer_count=1"]
+
+# finetune_vqa.main() with train_transform wrapped to print the settings it is called with
 SPY = """
-import inspect, sys
-import data
+import inspect
+import sys
 import finetune_vqa as fv
 real = fv.train_transform
-def spy(*a, **k):
-    bound = inspect.signature(real).bind(*a, **k)
+def spy(*args, **kwargs):
+    bound = inspect.signature(real).bind(*args, **kwargs)
     bound.apply_defaults()
-    print("TRAIN_TRANSFORM", dict(scale=tuple(bound.arguments["scale"]), randaugment=tuple(bound.arguments["randaugment"])), flush=True)
-    return real(*a, **k)
+    print("TRAIN_TRANSFORM", dict(scale=tuple(bound.arguments["scale"]),
+                                  randaugment=tuple(bound.arguments["randaugment"])), flush=True)
+    return real(*args, **kwargs)
 fv.train_transform = spy
 sys.argv = ["finetune_vqa.py"] + sys.argv[1:]
 fv.main()
@@ -865,10 +871,8 @@ fv.main()
 
 
 def test_crop_and_randaugment_settings_reach_the_training_transform(tmp_path):
-    args = ["--init_from=", "--image_size=32", "--synthetic_images=40", "--batch_size=16", "--micro_batch_size=16",
-            "--max_steps=1", "--num_workers=0", "--eval_split=", "--test_split=", "--min_answer_count=1",
-            f"--synthetic_dir={tmp_path / 'syn'}", f"--out_dir={tmp_path / 'run'}",
-            "--crop_scale=(0.8, 0.9)", "--randaugment=(1, 3)"]
+    args = ONE_STEP_ARGS + [f"--synthetic_dir={tmp_path / 'syn'}", f"--out_dir={tmp_path / 'run'}",
+                            "--crop_scale=(0.8, 0.9)", "--randaugment=(1, 3)"]
     out = subprocess.run([sys.executable, "-c", SPY, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = [l for l in out.stdout.splitlines() if l.startswith("TRAIN_TRANSFORM")]
@@ -895,12 +899,9 @@ def test_eval_only_scores_at_the_image_size_given(tmp_path):
                                          num_vqa_answers=len(answers))).save_pretrained(model_dir)
     json.dump(answers, open(os.path.join(model_dir, "answers.json"), "w"))
     tu.copy_tokenizer(tok_dir, model_dir)
-    args = [sys.executable, "finetune_vqa.py", "--eval_only", f"--init_from={model_dir}", f"--synthetic_dir={root}",
-            "--synthetic_images=40", "--num_workers=0", "--test_split=", "--image_size=48",
-            f"--out_dir={tmp_path / 'e'}"]
-    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert f"from {model_dir} at 48px, scored as it is" in out.stdout, out.stdout[-2000:]
+    stdout = run_vqa(["--eval_only", f"--init_from={model_dir}", f"--synthetic_dir={root}", "--synthetic_images=40",
+                      "--num_workers=0", "--test_split=", "--image_size=48", f"--out_dir={tmp_path / 'e'}"])
+    assert f"from {model_dir} at 48px, scored as it is" in stdout, stdout[-2000:]
 
 
 def test_predictions_see_the_evaluation_transform(tmp_path, monkeypatch):
@@ -949,17 +950,9 @@ def test_training_batches_truncate_questions_at_max_text_len(tmp_path, monkeypat
     assert batch["input_ids"].shape[1] == 6 and (batch["input_ids"][:, -1] == tokenizer.sep_id).all()
 
 
-ONE_STEP_ARGS = ["--init_from=", "--image_size=32", "--synthetic_images=40", "--batch_size=16", "--micro_batch_size=16",
-               "--num_workers=0", "--eval_split=", "--test_split=", "--min_answer_count=1", "--ckpt_interval=1"]
-
-
 def test_resume_with_only_out_dir_continues_the_run(tmp_path):
+    # the run's other settings come from its checkpoint (they differ from the defaults, some of them fixed ones)
     run = str(tmp_path / "run")
-    first = ONE_STEP_ARGS + [f"--synthetic_dir={tmp_path / 'syn'}", f"--out_dir={run}", "--max_steps=1"]
-    out = subprocess.run([sys.executable, "finetune_vqa.py", *first], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    out = subprocess.run([sys.executable, "finetune_vqa.py", "--resume", f"--out_dir={run}", "--max_steps=2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert f"resumed from {run}/ckpt.pt at step 1" in out.stdout and "step 2 |" in out.stdout
+    run_vqa(ONE_STEP_ARGS + [f"--synthetic_dir={tmp_path / 'syn'}", f"--out_dir={run}", "--ckpt_interval=1"])
+    stdout = run_vqa(["--resume", f"--out_dir={run}", "--max_steps=2"])
+    assert f"resumed from {run}/ckpt.pt at step 1" in stdout and "step 2 |" in stdout
