@@ -1030,33 +1030,18 @@ def test_random_resized_crop_fallback_clips_to_the_aspect_range():
     assert rrc(1000, 100) == (433, 0, 566, 100)   # w = round(100 * 4/3) = 133
 
 
-def noise_jpeg(seed):
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
 def test_coco_json_path_may_hold_an_at_sign(tmp_path):
-    folder = tmp_path / "user@host"
-    folder.mkdir()
-    root = tmp_path / "images"
-    (root / "train2014").mkdir(parents=True)
-    (root / "train2014" / "a.jpg").write_bytes(noise_jpeg(0))
-    json_path = folder / "dataset_coco.json"
-    json_path.write_text(json.dumps({"images": [{"filepath": "train2014", "filename": "a.jpg", "split": "train",
-                                                 "sentences": [{"raw": "a caption"}]}]}))
-    (source,), shards = data.parse_sources(f"coco:{json_path}@{root}", "train", 32)
-    assert shards == [] and source.root == str(root) and len(source) == 1
+    # the image root follows the last "@"
+    (tmp_path / "user@host").mkdir()
+    spec = write_coco(tmp_path, [("train", "train2014", "a.jpg", ["a caption"], scene_jpeg(0))],
+                      name="user@host/dataset_coco.json")
+    (source,), shards = data.parse_sources(spec, "train", 32)
+    assert shards == [] and source.root == str(tmp_path / "coco") and len(source) == 1
     assert source.load(0)[1] == "a caption"
 
 
 def test_tar_member_extensions_are_case_insensitive(tmp_path):
-    path = str(tmp_path / "00000.tar")
-    with tarfile.open(path, "w") as tf:
-        for name, payload in (("k0.JPG", noise_jpeg(1)), ("k0.TXT", b"a caption")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
+    path = write_tar(tmp_path / "00000.tar", [("k0", {"JPG": scene_jpeg(1), "TXT": b"a caption"})])
     samples, error = data.scan_shard(path)
     assert error is None and [(key, sorted(members)) for key, members in samples] == [("k0", ["jpg", "txt"])]
 
@@ -1070,21 +1055,15 @@ def test_glob_patterns_expand_in_sorted_order(tmp_path):
     assert data.expand_shards(f"{tmp_path}/0000[01].tar") == [f"{tmp_path}/0000{i}.tar" for i in range(2)]
 
 
-def tar_of_noise(path, n):
-    with tarfile.open(path, "w") as tf:
-        for i in range(n):
-            for name, payload in ((f"k{i}.jpg", noise_jpeg(i)), (f"k{i}.txt", b"a caption")):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tf.addfile(info, io.BytesIO(payload))
-    return str(path)
+def tar_of_scenes(path, n):
+    return write_tar(path, [(f"k{i}", {"jpg": scene_jpeg(i), "txt": b"a caption"}) for i in range(n)])
 
 
 def test_shard_sizes_come_from_img2dataset_stats(tmp_path):
     # img2dataset's {shard}_stats.json gives each shard's count ("successes"); only shards without one are
     # assumed to hold as many samples as the first readable shard
     for s, n in enumerate((4, 1, 3)):
-        tar_of_noise(tmp_path / f"{s:05d}.tar", n)
+        tar_of_scenes(tmp_path / f"{s:05d}.tar", n)
     (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 1, "count": 4}))
     (tmp_path / "00002_stats.json").write_text(json.dumps({"successes": 3, "count": 4}))
     assert data.ShardSource(f"{tmp_path}/{{00000..00002}}.tar").estimated_len == 4 + 1 + 3
@@ -1111,7 +1090,7 @@ def test_train_transform_drafts_no_lower_than_its_smallest_crop():
 
 def test_tar_samples_pass_a_shuffle_buffer(tmp_path):
     # a shard's samples come out of a shuffle buffer, each once: never in the order the tar holds them
-    path = tar_of_noise(tmp_path / "00000.tar", 24)
+    path = tar_of_scenes(tmp_path / "00000.tar", 24)
     stream = data._ShardStream([path], seed=0, role=0, num_roles=1, counters={"skipped": 0})
     keys = [stream.next()[2] for _ in range(12)]
     assert keys != [f"k{i}" for i in range(12)]  # not the file order
@@ -1134,7 +1113,7 @@ def test_a_resumed_stream_does_not_index_a_shard_twice(tok, tmp_path, monkeypatc
 def test_the_last_index_line_of_a_position_wins(tmp_path):
     # a scan cut short by a read error recorded 2 samples; the resumed run read that position again and found 5:
     # a second resume must replay what the stream saw last (5), not the first run's 2
-    path = tar_of_noise(tmp_path / "00000.tar", 5)
+    path = tar_of_scenes(tmp_path / "00000.tar", 5)
     first = data.ShardIndex(str(tmp_path / "index"), role=0)
     first.record(7, first.stamp(path), 2)
     resumed = data.ShardIndex(str(tmp_path / "index"), role=0)
@@ -1146,10 +1125,7 @@ def test_the_last_index_line_of_a_position_wins(tmp_path):
 
 
 def test_a_coco_json_without_root_finds_its_images_beside_it(tmp_path):
-    (tmp_path / "train2014").mkdir()
-    (tmp_path / "train2014" / "a.jpg").write_bytes(noise_jpeg(0))
-    json_path = tmp_path / "dataset_coco.json"
-    json_path.write_text(json.dumps({"images": [{"filepath": "train2014", "filename": "a.jpg", "split": "train",
-                                                 "sentences": [{"raw": "a caption"}]}]}))
-    (source,), _ = data.parse_sources(f"coco:{json_path}", "train", 32)
-    assert source.root == str(tmp_path) and source.load(0)[1] == "a caption"
+    spec = write_coco(tmp_path, [("train", "train2014", "a.jpg", ["a caption"], scene_jpeg(0))],
+                      name="coco/dataset_coco.json")
+    (source,), _ = data.parse_sources(spec.rpartition("@")[0], "train", 32)  # coco:<json> alone
+    assert source.root == str(tmp_path / "coco") and source.load(0)[1] == "a caption"
