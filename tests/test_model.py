@@ -737,8 +737,9 @@ def test_image_inputs_replace_the_vision_tower():
     for wrong_count in (tower[:1], tuple(tower) + tuple(tower[:1])):  # one per cross layer, no more, no fewer
         with pytest.raises(ValueError, match="expected 2 tensors"):
             model(ids, attention_mask=mask, image_inputs=wrong_count)
-    with pytest.raises(ValueError, match="need pixel_values"):
-        model(ids, image_inputs=tower, output_hidden_states=True)
+    for flag in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match="need pixel_values"):
+            model(ids, image_inputs=tower, **{flag: True})
 
 
 def test_padding_is_invisible():
@@ -868,15 +869,6 @@ def test_original_vqa_checkpoint_answer_count(tmp_path):
     ours = BridgeTower.from_pretrained(str(path))
     assert ours.config.heads == ("vqa",) and ours.config.num_vqa_answers == 7
     assert torch.equal(ours.vqa_classifier[3].weight, model.vqa_classifier[3].weight)
-
-
-def test_attentions_need_pixel_values():
-    model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB, heads=("itm",))).eval()
-    ids, mask, pixels = inputs()
-    with torch.no_grad():
-        tower = model.encode_image(pixels)
-        with pytest.raises(ValueError, match="need pixel_values"):
-            model(ids, image_inputs=tower, output_attentions=True)
 
 
 # -----------------------------------------------------------------------------
