@@ -32,7 +32,6 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_utils as tu
 from data import COLORS, SHAPES, Packed, Tokenizer, eval_transform, make_scene, train_transform
@@ -89,6 +88,7 @@ device = "auto"              # auto: cuda when available, else cpu
 dtype = "auto"               # auto: bfloat16 autocast on an Ampere or newer GPU, float32 elsewhere;
                              # tf32: fp32 with TF32 matmuls (the original's fp32, in effect)
 compile = False              # torch.compile the model
+grad_checkpointing = False   # recompute text, vision and cross layers in the backward pass (less memory, ~1/3 more compute)
 cpu_threads = 1              # torch threads per process on CPU (0: torch's default). On 2 shared cores, 2 threads
                              # spin-wait for each other (pretrain.py measured 1.5-2.7 s/step against 0.5 s with 1)
 seed = 0
@@ -980,10 +980,7 @@ def main():
     start_step = step
     del ckpt
     raw_model = model
-    if compile:
-        model = torch.compile(model)
-    if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    model = tu.wrap_for_training(model, dist, grad_checkpointing, compile)
     loss_fn = lambda m, b: vqa_loss(m, b, dist.device, autocast)
 
     dataset = VQADataset(train_items, train_transform(image_size, scale=crop_scale, randaugment=randaugment),

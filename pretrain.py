@@ -27,13 +27,11 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import ProfilerActivity, profile
 
 import train_utils as tu
 from data import ImageProcessor, build_pretrain_loader, parse_sources, spec_shards, validation_spec
-from model import BridgeTower, BridgeTowerConfig, CheckpointError, ModelTypeError, ResidualAttentionBlock, TextLayer
+from model import BridgeTower, BridgeTowerConfig, CheckpointError, ModelTypeError
 
 # -----------------------------------------------------------------------------
 # default config: the CPU demo (config/pretrain_base.py has the paper's recipe)
@@ -202,14 +200,6 @@ def build_model(vocab_size):
     return BridgeTower(config)
 
 
-def apply_grad_checkpointing(model):
-    """Activation checkpointing from outside the model: each text/cross layer and CLIP block is wrapped so its
-    activations are recomputed in the backward pass. The wrapper keeps state_dict keys unchanged and restores
-    the RNG, so dropout masks (and results) are the same as without it."""
-    # CrossLayer is a TextLayer
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (TextLayer, ResidualAttentionBlock)))
-
-
 def step_flops(cfg):
     """Model FLOPs of one optimiser step (both passes, forward + backward), for MFU; the MLM head runs on the
     expected number of masked positions."""
@@ -219,14 +209,8 @@ def step_flops(cfg):
 
 
 def wrap_for_training(model, dist):
-    """Activation checkpointing, torch.compile and DDP, as configured; the caller keeps the raw model."""
-    if grad_checkpointing:
-        apply_grad_checkpointing(model)
-    if compile:
-        model = torch.compile(model)
-    if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    return model
+    """Activation checkpointing, torch.compile and DDP, as this run's settings ask."""
+    return tu.wrap_for_training(model, dist, grad_checkpointing, compile)
 
 
 def make_optimizer(model, device):

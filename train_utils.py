@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
@@ -669,6 +670,27 @@ def flops_per_sample(config, text_len, image_len=None, heads=(), mlm_tokens=None
 
 # -----------------------------------------------------------------------------
 # one optimiser step
+
+def wrap_for_training(model, dist, grad_checkpointing=False, compile=False):
+    """Activation checkpointing, torch.compile and DDP, as the script's settings ask; the caller keeps the raw model
+    (to save, evaluate and count FLOPs of)."""
+    if grad_checkpointing:
+        apply_grad_checkpointing(model)
+    if compile:
+        model = torch.compile(model)
+    if dist.world_size > 1:
+        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return model
+
+
+def apply_grad_checkpointing(model):
+    """Activation checkpointing from outside the model: each text/cross layer and CLIP block is wrapped so its
+    activations are recomputed in the backward pass. The wrapper keeps state_dict keys unchanged and restores
+    the RNG, so dropout masks (and results) are the same as without it."""
+    from model import ResidualAttentionBlock, TextLayer
+    # CrossLayer is a TextLayer
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, (TextLayer, ResidualAttentionBlock)))
+
 
 def train_step(model, micro_batches, loss_fn, optimizer, grad_clip=0.0, dist=None, accum_steps=None):
     """Accumulate gradients over micro_batches (a list, or an iterator with accum_steps given), then clip and step.

@@ -161,7 +161,7 @@ def test_grad_checkpointing_same_gradients(kernels, monkeypatch):
     torch.manual_seed(0)
     plain, wrapped = BridgeTower(config), BridgeTower(config)
     wrapped.load_state_dict(plain.state_dict())
-    pretrain.apply_grad_checkpointing(wrapped)
+    tu.apply_grad_checkpointing(wrapped)
     assert wrapped.state_dict().keys() == plain.state_dict().keys()
     # every text layer, vision block and cross layer (a TextLayer) is recomputed, nothing else
     inner = [m._checkpoint_wrapped_module for m in wrapped.modules() if hasattr(m, "_checkpoint_wrapped_module")]

@@ -852,7 +852,8 @@ def test_two_processes_kill_and_resume(tmp_path, tiny_run):
 ONE_STEP_ARGS = ["--init_from=", "--image_size=32", "--synthetic_images=40", "--batch_size=16", "--micro_batch_size=16",
                  "--max_steps=1", "--num_workers=0", "--eval_split=", "--test_split=", "--min_answer_count=1"]
 
-# finetune_vqa.main() with train_transform wrapped to print the settings it is called with
+# finetune_vqa.main() with train_transform wrapped to print the settings it is called with, and vqa_loss to print
+# which of the model's layers are recomputed in the backward pass (activation checkpointing)
 SPY = """
 import inspect
 import sys
@@ -865,18 +866,28 @@ def spy(*args, **kwargs):
                                   randaugment=tuple(bound.arguments["randaugment"])), flush=True)
     return real(*args, **kwargs)
 fv.train_transform = spy
+real_loss = fv.vqa_loss
+def loss_spy(model, *args, **kwargs):
+    wrapped = sorted({type(m._checkpoint_wrapped_module).__name__ for m in model.modules()
+                      if hasattr(m, "_checkpoint_wrapped_module")})
+    print("CHECKPOINTED", wrapped, flush=True)
+    return real_loss(model, *args, **kwargs)
+fv.vqa_loss = loss_spy
 sys.argv = ["finetune_vqa.py"] + sys.argv[1:]
 fv.main()
 """
 
 
-def test_crop_and_randaugment_settings_reach_the_training_transform(tmp_path):
+def test_settings_reach_the_training_transform_and_the_model(tmp_path):
     args = ONE_STEP_ARGS + [f"--synthetic_dir={tmp_path / 'syn'}", f"--out_dir={tmp_path / 'run'}",
-                            "--crop_scale=(0.8, 0.9)", "--randaugment=(1, 3)"]
+                            "--crop_scale=(0.8, 0.9)", "--randaugment=(1, 3)", "--grad_checkpointing"]
     out = subprocess.run([sys.executable, "-c", SPY, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = [l for l in out.stdout.splitlines() if l.startswith("TRAIN_TRANSFORM")]
     assert lines == ["TRAIN_TRANSFORM {'scale': (0.8, 0.9), 'randaugment': (1, 3)}"], out.stdout[-2000:]
+    # --grad_checkpointing: every text layer, cross layer and CLIP block of the model that trains
+    lines = [l for l in out.stdout.splitlines() if l.startswith("CHECKPOINTED")]
+    assert lines == ["CHECKPOINTED ['CrossLayer', 'ResidualAttentionBlock', 'TextLayer']"], out.stdout[-2000:]
 
 
 def test_augmentation_follows_the_schedule_seed(tmp_path):
