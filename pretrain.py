@@ -196,7 +196,8 @@ def build_model(vocab_size):
             raise
         except CheckpointError as e:
             raise CheckpointError(f"{e}\n(the model is built at --model_size={model_size}: roberta-base and CLIP "
-                                  "ViT-B/16 take --model_size=base, as config/pretrain_base.py sets)") from None
+                                  "ViT-B/16 take --model_size=base, as config/pretrain_base.py sets; roberta-large and "
+                                  "ViT-L/14 take --model_size=large, as config/pretrain_large.py sets)") from None
     return BridgeTower(config)
 
 

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import pretrain
 import train_utils as tu
+from model import BridgeTowerConfig
 from conftest import (assert_same_final_weights, end_ddp_worker, eval_line, kill_after_first_checkpoint, run_script,
                       train_lines)
 
@@ -46,6 +47,20 @@ def test_base_config_is_the_paper_recipe(monkeypatch):
     assert g["text_init"] and g["vision_init"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
     assert tu.use_bf16(torch.device("cuda"), g["dtype"]) and not tu.use_bf16(torch.device("cpu"), g["dtype"])
+
+
+def test_large_config_is_the_original_large_recipe():
+    # scripts/pre_train_large.sh: the base recipe with the large towers at 294 px, 16 samples per GPU (on 64 GPUs)
+    base, large = _pretrain_globals(), _pretrain_globals()
+    tu.configure(base, [os.path.join(ROOT, "config/pretrain_base.py")])
+    tu.configure(large, [os.path.join(ROOT, "config/pretrain_large.py")])
+    differ = {k for k in base if base[k] != large[k]}
+    assert differ == {"out_dir", "text_init", "vision_init", "model_size", "image_size", "micro_batch_size"}
+    assert (large["model_size"], large["image_size"], large["micro_batch_size"]) == ("large", 294, 16)
+    assert "roberta-large" in large["text_init"] and "ViT-L-14" in large["vision_init"]
+    assert tu.accumulation_steps(large["batch_size"], large["micro_batch_size"], 64) == 4
+    config = BridgeTowerConfig.preset(large["model_size"], image_size=large["image_size"])
+    assert (config.text_layers, config.hidden_size, config.patch_size, config.image_grid ** 2 + 1) == (24, 1024, 14, 442)
 
 
 def test_accumulation_steps():
@@ -424,7 +439,8 @@ def test_init_from_roberta_and_clip(tmp_path, monkeypatch):
                                    intermediate_size=128, type_vocab_size=1)).save_pretrained(tmp_path / "small")
     monkeypatch.setattr(pretrain, "text_init", str(tmp_path / "small"))
     monkeypatch.setattr(pretrain, "init_from", "")
-    with pytest.raises(CheckpointError, match=r"hidden_size=64 \(model needs 128\)(.|\n)*--model_size=tiny"):
+    with pytest.raises(CheckpointError, match=r"hidden_size=64 \(model needs 128\)(.|\n)*--model_size=tiny"
+                       r"(.|\n)*--model_size=base(.|\n)*--model_size=large, as config/pretrain_large.py"):
         pretrain.build_model(vocab)
     # another kind of model (the CLIP directory as text_init): no size would fit it, so no word on model_size
     monkeypatch.setattr(pretrain, "text_init", str(tmp_path / "clip"))
@@ -473,3 +489,46 @@ def test_optimizer_multipliers_follow_the_recipe(monkeypatch):
     }
     got = {n: (group_of[id(named[n])]["lr"], group_of[id(named[n])]["weight_decay"]) for n in expect}
     assert got == expect
+
+
+# -----------------------------------------------------------------------------
+# The large recipes end to end (12 minutes and 17 GB on 2 cores: only when asked for)
+
+@pytest.mark.slow
+def test_large_recipes_end_to_end(tmp_path):
+    """config/pretrain_large.py from a random roberta-large directory and a random CLIP ViT-L/14 in OpenAI's archive
+    layout, then config/finetune_vqa_large.py from its final/ at 574 px: 2 steps each, on the synthetic data.
+    BRIDGETOWER_LARGE=1 runs it."""
+    if not os.environ.get("BRIDGETOWER_LARGE"):
+        pytest.skip("set BRIDGETOWER_LARGE=1 (about 12 minutes and 17 GB of memory on 2 cores)")
+    T = pytest.importorskip("transformers")
+    from data import demo_tokenizer
+    from test_model import openai_archive
+    vocab = demo_tokenizer(str(tmp_path / "tok")).vocab_size  # roberta-large's vocab.json and merges.txt stand-in
+    torch.manual_seed(0)
+    T.RobertaModel(T.RobertaConfig(vocab_size=vocab, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                   intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1,
+                                   layer_norm_eps=1e-5)).save_pretrained(tmp_path / "roberta-large")
+    for f in ("vocab.json", "merges.txt"):
+        (tmp_path / "roberta-large" / f).write_bytes((tmp_path / "tok" / f).read_bytes())
+    clip = T.CLIPVisionModel(T.CLIPVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                                intermediate_size=4096, patch_size=14, image_size=224))
+    openai_archive(clip, tmp_path / "ViT-L-14.pt")
+    del clip
+    pt = tmp_path / "pt"
+    stdout = _run(["config/pretrain_large.py", f"--text_init={tmp_path / 'roberta-large'}",
+                   f"--vision_init={tmp_path / 'ViT-L-14.pt'}", "--data=synthetic", "--max_steps=2", "--batch_size=2",
+                   "--micro_batch_size=1", "--num_workers=0", "--eval_batches=1", "--retrieval_size=2",
+                   f"--out_dir={pt}"], timeout=1200)
+    assert "loaded the text encoder" in stdout and "loaded the image encoder" in stdout
+    assert "from a 16x16 to a 21x21 patch grid (224 -> 294 px" in stdout and "eval: mlm_acc=" in stdout
+    stdout = run_script(os.path.join(ROOT, "finetune_vqa.py"), [
+        "config/finetune_vqa_large.py", f"--init_from={pt / 'final'}", "--data_dir=", "--image_root=",
+        f"--synthetic_dir={tmp_path / 'vqa_data'}", "--synthetic_images=4", "--train_splits=train2014",
+        "--vocab_splits=train2014", "--eval_split=val2014", "--test_split=", "--min_answer_count=1", "--max_steps=2",
+        "--batch_size=2", "--micro_batch_size=1", "--num_workers=0", "--grad_checkpointing",
+        f"--out_dir={tmp_path / 'vqa'}"], timeout=1800)
+    assert "from a 21x21 to a 41x41 patch grid (294 -> 574 px" in stdout and "eval: vqa_acc=" in stdout
+    config = json.load(open(tmp_path / "vqa" / "final" / "config.json"))
+    assert (config["hidden_size"], config["vision_config"]["image_size"], config["vision_config"]["patch_size"]) == \
+        (1024, 574, 14)

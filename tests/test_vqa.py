@@ -697,6 +697,17 @@ def test_base_config_is_the_paper_recipe():
     assert base["init_from"] and (base["eval_split"], base["eval_holdout"]) == ("", 0)  # all of train + val trained on
 
 
+def test_large_config_is_the_original_large_recipe():
+    # scripts/ftfpt_large_vqa.sh: the base recipe from the pre-trained large model, at 574 px, lr 4e-6, 4 per GPU
+    base, large = config_file_values("finetune_vqa_base.py"), config_file_values("finetune_vqa_large.py")
+    assert set(large) == set(base)
+    differ = {k for k in base if base[k] != large[k]}
+    assert differ == {"out_dir", "init_from", "image_size", "micro_batch_size", "lr"}
+    assert (large["image_size"], large["micro_batch_size"], large["lr"]) == (574, 4, 4e-6)
+    assert "large" in large["init_from"]
+    assert BridgeTowerConfig.preset("large", image_size=large["image_size"]).image_grid == 41  # 574 = 41 x 14
+
+
 def test_finetune_from_a_checkpoint_at_a_new_image_size(tmp_path, tiny_run):
     # the fine-tuned tiny model (32 px, with a VQA head of the same vocabulary) as the starting checkpoint at 48 px:
     # the position table is interpolated, the head and the tokenizer come from the checkpoint
