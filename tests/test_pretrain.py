@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 
 import pretrain
 import train_utils as tu
-from model import BridgeTowerConfig
 from conftest import (assert_same_final_weights, end_ddp_worker, eval_line, kill_after_first_checkpoint, run_script,
                       train_lines)
+from model import BridgeTowerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain.py")

@@ -896,7 +896,8 @@ def test_settings_reach_the_training_transform_and_the_model(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = [l for l in out.stdout.splitlines() if l.startswith("TRAIN_TRANSFORM")]
     assert lines == ["TRAIN_TRANSFORM {'scale': (0.8, 0.9), 'randaugment': (1, 3)}"], out.stdout[-2000:]
-    # --grad_checkpointing: every text layer, cross layer and CLIP block of the model that trains
+    # --grad_checkpointing reaches the model that trains: its text layers, cross layers and CLIP blocks are wrapped
+    # (test_pretrain's gradient test checks the wrapping itself, layer by layer)
     lines = [l for l in out.stdout.splitlines() if l.startswith("CHECKPOINTED")]
     assert lines == ["CHECKPOINTED ['CrossLayer', 'ResidualAttentionBlock', 'TextLayer']"], out.stdout[-2000:]
 
