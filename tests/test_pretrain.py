@@ -492,7 +492,7 @@ def test_optimizer_multipliers_follow_the_recipe(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# The large recipes end to end (12 minutes and 17 GB on 2 cores: only when asked for)
+# The large recipes end to end (13 minutes and 18 GB on 2 cores: only when asked for)
 
 @pytest.mark.slow
 def test_large_recipes_end_to_end(tmp_path):
@@ -500,7 +500,7 @@ def test_large_recipes_end_to_end(tmp_path):
     layout, then config/finetune_vqa_large.py from its final/ at 574 px: 2 steps each, on the synthetic data.
     BRIDGETOWER_LARGE=1 runs it."""
     if not os.environ.get("BRIDGETOWER_LARGE"):
-        pytest.skip("set BRIDGETOWER_LARGE=1 (about 12 minutes and 17 GB of memory on 2 cores)")
+        pytest.skip("set BRIDGETOWER_LARGE=1 (about 13 minutes and 18 GB of memory on 2 cores)")
     T = pytest.importorskip("transformers")
     from data import demo_tokenizer
     from test_model import openai_archive
