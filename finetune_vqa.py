@@ -722,15 +722,17 @@ def vqa_loss(model, batch, device, autocast=nullcontext()):
     """BCE-with-logits against the soft scores, times the number of answers (the original's scaling: a sum over
     answers, a mean over questions). Also the VQA score of the top answer, as the original logs in training.
     A micro-batch with no readable image (Collate's blanks) still runs forward and backward, as every rank and
-    micro-step must under DDP, with its loss weighed 0 (and a score of 0)."""
+    micro-step must under DDP, with its loss weighed 0; its weight in the logged averages (the third value
+    returned, for train_step) is 0 as well, so that its 0 loss and score are not averaged into the step's."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast:
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                        pixel_values=batch["pixel_values"], heads=("vqa",)).vqa_logits
     logits, targets = logits.float(), batch["targets"]
-    loss = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1] * (batch["readable"] > 0)
+    answered = batch["readable"] > 0
+    loss = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1] * answered
     score = targets.gather(1, logits.argmax(1, keepdim=True)).mean()
-    return loss, {"vqa_score": score.detach()}
+    return loss, {"vqa_score": score.detach()}, answered.float()
 
 
 # -----------------------------------------------------------------------------

@@ -695,29 +695,34 @@ def apply_grad_checkpointing(model):
 def train_step(model, micro_batches, loss_fn, optimizer, grad_clip=0.0, dist=None, accum_steps=None):
     """Accumulate gradients over micro_batches (a list, or an iterator with accum_steps given), then clip and step.
 
-    loss_fn(model, batch) -> (loss, metrics): loss a scalar mean over the micro-batch, metrics a dict of scalars.
+    loss_fn(model, batch) -> (loss, metrics) or (loss, metrics, weight): loss a scalar mean over the micro-batch,
+    metrics a dict of scalars, weight the micro-batch's weight in the logged averages (default 1; VQA gives 0 to a
+    micro-batch with no readable image, whose loss and score would otherwise pull the step's figures towards 0).
     Each loss is divided by the number of micro-steps, so the gradient is the mean of the micro-batch means (as
     Lightning's accumulation and DDP make the original's); under DDP, gradients are all-reduced only on the last
     micro-step (no_sync on the others), which averages them over ranks. Returns the metrics averaged over
-    micro-steps and ranks, plus "loss" and "grad_norm" (before clipping).
+    micro-steps and ranks (weighted; all 0 if every weight is 0), plus "loss" and "grad_norm" (before clipping).
     """
     n = accum_steps or len(micro_batches)
-    sums = None
+    sums, weights = None, 0.0
     for i, batch in enumerate(micro_batches):
         last = i == n - 1
         sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
         with sync:
-            loss, metrics = loss_fn(model, batch)
+            loss, metrics, *weight = loss_fn(model, batch)
             (loss / n).backward()
+        weight = torch.as_tensor(weight[0] if weight else 1.0, dtype=torch.float32, device=loss.device)
         values = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=loss.device)
-                                                        for v in metrics.values()])
-        sums = values if sums is None else sums + values
+                                                        for v in metrics.values()]) * weight
+        sums, weights = (values, weight) if sums is None else (sums + values, weights + weight)
     assert i == n - 1, f"got {i + 1} micro-batches, expected {n}"
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # an infinite max_norm measures the norm without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # the step's metrics and the grad norm (the same on every rank) come back to the host in one transfer
-    means = all_reduce_mean(torch.cat([sums / n, grad_norm.float().view(1)]), dist).tolist()
+    # the step's metrics, their total weight and the grad norm (the same on every rank) come back to the host in
+    # one transfer; the weighted sums and the weight are both averaged over ranks, so their ratio is the mean
+    reduced = all_reduce_mean(torch.cat([sums, weights.view(1), grad_norm.float().view(1)]), dist)
+    means = torch.cat([reduced[:-2] / reduced[-2].clamp_min(1e-12), reduced[-1:]]).tolist()
     return dict(zip(["loss"] + list(metrics) + ["grad_norm"], means))

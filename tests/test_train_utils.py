@@ -421,6 +421,12 @@ def _loss_fn(model, batch):
     return nn.functional.cross_entropy(logits, y), {"acc": (logits.argmax(-1) == y).float().mean()}
 
 
+def _weighted_loss_fn(model, batch):
+    # a micro-batch weighs as many as its samples of class 0 (none, in some): a stand-in for VQA's blanks
+    loss, metrics = _loss_fn(model, batch)
+    return loss, metrics, (batch[1] == 0).sum()
+
+
 def _batches(n, size=4):
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
@@ -440,6 +446,27 @@ def test_train_step_accumulation_equals_full_batch():
     assert all(p.grad is None for p in a.parameters())
 
 
+def test_train_step_weighs_the_logged_metrics():
+    # the gradient stays the mean of the micro-batch means; only the logged figures are weighted, and a micro-batch
+    # of weight 0 leaves them as they were without it
+    batches = _batches(3)
+    weights = [0.0, 1.0, 3.0]
+    weighted = lambda m, b: (*_loss_fn(m, b[0]), b[1])
+    a, b = _mlp(), _mlp()
+    out = tu.train_step(a, list(zip(batches, weights)), weighted, torch.optim.SGD(a.parameters(), lr=1.0))
+    tu.train_step(b, batches, _loss_fn, torch.optim.SGD(b.parameters(), lr=1.0))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        each = [_loss_fn(_mlp(), batch) for batch in batches]
+    assert out["loss"] == pytest.approx((each[1][0] + 3 * each[2][0]).item() / 4, abs=1e-6)
+    assert out["acc"] == pytest.approx((each[1][1]["acc"] + 3 * each[2][1]["acc"]).item() / 4, abs=1e-6)
+    # every weight 0 (no sample counted anywhere in the step): 0s, not NaN
+    c = _mlp()
+    out = tu.train_step(c, [(batches[0], 0.0)], weighted, torch.optim.SGD(c.parameters(), lr=1.0))
+    assert out["loss"] == 0 and out["acc"] == 0 and out["grad_norm"] > 0
+
+
 def test_train_step_clipping():
     model = _mlp()
     before = [p.detach().clone() for p in model.parameters()]
@@ -455,7 +482,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world_size, port, batches, result_path):
+def _ddp_worker(rank, world_size, port, batches, result_path, loss_fn):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -463,19 +490,23 @@ def _ddp_worker(rank, world_size, port, batches, result_path):
     model = torch.nn.parallel.DistributedDataParallel(_mlp())
     per_rank = len(batches) // world_size
     mine = batches[rank * per_rank:(rank + 1) * per_rank]
-    out = tu.train_step(model, mine, _loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), dist=dist)
+    out = tu.train_step(model, mine, loss_fn, torch.optim.SGD(model.parameters(), lr=1.0), dist=dist)
     if dist.is_master:
         torch.save({"params": [p.detach() for p in model.parameters()], "out": out}, result_path)
     end_ddp_worker()  # the group destroyed, then the process
 
 
-def test_train_step_ddp_matches_single_process(tmp_path):
-    # 2 ranks x 2 micro-batches (the first under no_sync) == 1 process accumulating all 4
+@pytest.mark.parametrize("loss_fn", [_loss_fn, _weighted_loss_fn])
+def test_train_step_ddp_matches_single_process(tmp_path, loss_fn):
+    # 2 ranks x 2 micro-batches (the first under no_sync) == 1 process accumulating all 4; weighted, the ranks'
+    # figures weigh as their micro-batches do, not half each
     batches = _batches(4)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), batches, str(tmp_path / "ddp.pt")), nprocs=2)
+    if loss_fn is _weighted_loss_fn:
+        assert len({(b[1] == 0).sum().item() for b in batches}) > 1  # the weights differ
+    mp.spawn(_ddp_worker, args=(2, _free_port(), batches, str(tmp_path / "ddp.pt"), loss_fn), nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt")
     single = _mlp()
-    out = tu.train_step(single, batches, _loss_fn, torch.optim.SGD(single.parameters(), lr=1.0))
+    out = tu.train_step(single, batches, loss_fn, torch.optim.SGD(single.parameters(), lr=1.0))
     for pa, pb in zip(ddp["params"], single.parameters()):
         torch.testing.assert_close(pa, pb.detach(), rtol=0, atol=1e-6)
     assert ddp["out"]["loss"] == pytest.approx(out["loss"], abs=1e-6)

@@ -135,15 +135,18 @@ def test_loss_sums_over_answers_and_averages_over_questions():
     model = lambda *args, **kwargs: types.SimpleNamespace(vqa_logits=logits)
     batch = {"input_ids": torch.zeros(3, 4, dtype=torch.long), "attention_mask": torch.ones(3, 4),
              "pixel_values": torch.zeros(3, 3, 8, 8), "targets": targets, "readable": torch.tensor(2)}
-    loss, metrics = fv.vqa_loss(model, batch, "cpu")
+    loss, metrics, weight = fv.vqa_loss(model, batch, "cpu")
     want = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 3
     assert torch.allclose(loss, want, rtol=1e-6)
     assert metrics["vqa_score"].item() == pytest.approx(targets.gather(1, logits.argmax(1, keepdim=True)).mean().item())
-    # Collate's blanks (no readable image in the batch): forward and backward still run, the loss weighs 0
+    assert weight.item() == 1
+    # Collate's blanks (no readable image in the batch): forward and backward still run, the loss weighs 0, and
+    # the micro-batch weighs 0 in the step's logged loss and score (train_step's weighted mean)
     logits.requires_grad_()
-    loss, _ = fv.vqa_loss(model, dict(batch, readable=torch.tensor(0)), "cpu")
+    loss, _, weight = fv.vqa_loss(model, dict(batch, readable=torch.tensor(0)), "cpu")
     loss.backward()
     assert loss.item() == 0 and logits.grad is not None and not logits.grad.any()
+    assert weight.item() == 0
 
 
 def write_json(path, obj):
