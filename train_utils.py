@@ -711,7 +711,9 @@ def train_step(model, micro_batches, loss_fn, optimizer, grad_clip=0.0, dist=Non
         with sync:
             loss, metrics, *weight = loss_fn(model, batch)
             (loss / n).backward()
-        weight = torch.as_tensor(weight[0] if weight else 1.0, dtype=torch.float32, device=loss.device)
+        # new_ones fills on the device: no copy from the host each micro-step
+        weight = (torch.as_tensor(weight[0], dtype=torch.float32, device=loss.device) if weight else
+                  loss.new_ones((), dtype=torch.float32))
         values = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32, device=loss.device)
                                                         for v in metrics.values()]) * weight
         sums, weights = (values, weight) if sums is None else (sums + values, weights + weight)
