@@ -512,7 +512,10 @@ class BridgeTower(nn.Module):
         heads need: with heads=("mlm",) the last image-side cross layer and the poolers are skipped (MLM reads
         only the text stream), so image_features and pooler_output are None.
         mlm_positions (B,T) bool: compute MLM logits only there, (N,V) in row-major order (training labels
-        cover ~15% of tokens, and the vocabulary projection is the largest matmul of the head).
+        cover ~15% of tokens, and the vocabulary projection is the largest matmul of the head). Or the same
+        positions as a 1-D integer tensor of row-major indices into the B*T tokens: found on the host before the
+        batch moves to the GPU (as pre-training does), they pick the rows there with no host sync, where a
+        boolean mask makes the host wait for the GPU to count its Trues.
         output_hidden_states / output_attentions: also return every layer's output / the cross layers'
         self-attention probabilities (see BridgeTowerOutput).
         return_image_inputs: also return out.image_inputs, what the vision tower gives the cross layers; an
@@ -590,7 +593,12 @@ class BridgeTower(nn.Module):
         if not mlm_only:
             out.pooler_output = torch.cat([self.cross_modal_text_pooler(ct), self.cross_modal_image_pooler(ci)], -1)
         if "mlm" in heads:
-            out.mlm_logits = self.mlm_score(ct if mlm_positions is None else ct[mlm_positions])
+            x = ct
+            if mlm_positions is not None and mlm_positions.dtype == torch.bool:
+                x = ct[mlm_positions]
+            elif mlm_positions is not None:
+                x = ct.reshape(-1, ct.shape[-1]).index_select(0, mlm_positions)
+            out.mlm_logits = self.mlm_score(x)
         if "itm" in heads:
             out.itm_logits = self.itm_score(out.pooler_output)
         if "itc" in heads:

@@ -101,20 +101,26 @@ def pretrain_loss(model, batch, device, autocast=nullcontext()):
     """MLM on the masked caption with its own image, ITM on the clean caption with the paired image (itself or a
     random other one); separate forward passes through the text and cross-modal layers as in the original, one
     through the vision tower. Returns (mlm_loss + itm_loss, metrics)."""
+    # where a token is predicted, as row-major indices, and its label: found while the batch is still on the host,
+    # so that picking those rows on the GPU needs no host sync (a boolean mask there would: the host waits for the
+    # GPU to count its Trues before it can launch anything that follows)
+    flat_labels = batch["mlm_labels"].flatten()
+    positions = torch.nonzero(flat_labels != -100).flatten()
+    labels = flat_labels[positions]
+    n_masked = max(1, len(labels))  # 0, not NaN, if none is masked (bench's random batches; mask_tokens picks one)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-    masked = batch["mlm_labels"] != -100
+    positions, labels = positions.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     with autocast:
         # the vocabulary projection only where a token is predicted (15% in the paper): the head's largest matmul
         mlm = model(batch["mlm_input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                    heads=("mlm",), mlm_positions=masked, return_image_inputs=True)
+                    heads=("mlm",), mlm_positions=positions, return_image_inputs=True)
         # the ITM pass's images are rows of the MLM pass's, and CLIP has no dropout: its vision tower's output is
         # reused, not recomputed (the same values and gradients; a quarter of the step's FLOPs saved)
         image_inputs = [x[batch["itm_image_index"]] for x in mlm.image_inputs]
         itm_logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], image_inputs=image_inputs,
                            heads=("itm",)).itm_logits
         mlm_logits = mlm.mlm_logits
-    labels, itm_labels = batch["mlm_labels"][masked], batch["itm_labels"]
-    n_masked = max(1, labels.numel())  # 0, not NaN, if none is masked (bench's random batches; mask_tokens picks one)
+    itm_labels = batch["itm_labels"]
     mlm_loss = F.cross_entropy(mlm_logits.float(), labels, reduction="sum") / n_masked
     itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
     metrics = {

@@ -698,7 +698,8 @@ def test_unshared_transforms_get_gradients():
 
 
 def test_mlm_pass_and_positions():
-    """heads=("mlm",) skips what MLM does not read, with the same logits; mlm_positions picks rows."""
+    """heads=("mlm",) skips what MLM does not read, with the same logits; mlm_positions picks rows, given as a
+    boolean mask or as row-major indices (pre-training's, found on the host)."""
     torch.manual_seed(11)
     model = BridgeTower(BridgeTowerConfig.preset("tiny", vocab_size=VOCAB)).eval()
     ids, mask, pixels = inputs()
@@ -707,9 +708,13 @@ def test_mlm_pass_and_positions():
         mlm = model(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",))
         where = torch.rand(ids.shape) < 0.3
         picked = model(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), mlm_positions=where)
+        indexed = model(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",),
+                        mlm_positions=torch.nonzero(where.flatten()).flatten())
     assert torch.equal(full.mlm_logits, mlm.mlm_logits)
     assert mlm.image_features is None and mlm.pooler_output is None and mlm.itm_logits is None
+    assert where.sum() > 1 and not where.all()
     torch.testing.assert_close(picked.mlm_logits, full.mlm_logits[where])
+    torch.testing.assert_close(indexed.mlm_logits, full.mlm_logits[where])
     with pytest.raises(ValueError, match="vqa"):
         model(ids, pixel_values=pixels, heads=("vqa",))
 
