@@ -421,7 +421,9 @@ def profile_step(step, dist, unprofiled, top=12):
     (kernels and copies), as a share of the profiled step and of the unprofiled one (`unprofiled` seconds, the
     benchmark's median; the profiler slows the host, not the GPU); well below 100 % of the latter means the host's
     kernel launches or its syncs keep the GPU waiting, which larger micro-batches or CUDA graphs would help. Then
-    the kernels that took longest. On a CPU: the operators that took longest (their own time, not their callees').
+    the kernels that took longest, and how often the host waited for the GPU (cudaStreamSynchronize: a .item(),
+    .tolist() or boolean index of a GPU tensor, a blocking copy; not the profiler's closing synchronize).
+    On a CPU: the operators that took longest (their own time, not their callees').
     Every rank runs it (DDP's all-reduce); rank 0 prints its own."""
     cuda = dist.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -451,6 +453,11 @@ def profile_step(step, dist, unprofiled, top=12):
     print(f"profile: one step {wall * 1e3:.0f} ms under the profiler, {where}; the top {top}:")
     for t, e in sorted(timed, key=lambda x: -x[0])[:top]:
         print(f"profile: {t / 1e3:9.1f} ms {t / 1e6 / total:6.1%} {e.count:6d} x {e.key[:100]}")
+    if cuda:  # CUDA runtime calls, host-side events
+        syncs = [e for e in events if e.key == "cudaStreamSynchronize"]
+        waited = sum(e.self_cpu_time_total for e in syncs) / 1e3
+        print(f"profile: the host waited for the GPU {sum(e.count for e in syncs)} times in the step "
+              f"(cudaStreamSynchronize), {waited:.1f} ms in all")
 
 
 if __name__ == "__main__":

@@ -364,7 +364,10 @@ def test_profile_on_a_gpu_counts_each_kernel_once(monkeypatch, capsys):
                                      is_user_annotation=annotation)
     events = [event("sm90_gemm_bf16", DeviceType.CUDA, 6000, count=40),
               event("_attn_fwd_kernel", DeviceType.CUDA, 2000), event("Memcpy HtoD", DeviceType.CUDA, 500), event("aten::mm", DeviceType.CPU, 7000, count=40),
-              event("Optimizer.step#AdamW.step", DeviceType.CUDA, 9000, annotation=True)]
+              event("Optimizer.step#AdamW.step", DeviceType.CUDA, 9000, annotation=True),
+              # the host's waits: the step's own, and the profiler's closing torch.cuda.synchronize(), not counted
+              event("cudaStreamSynchronize", DeviceType.CPU, 1500, count=3),
+              event("cudaDeviceSynchronize", DeviceType.CPU, 400)]
 
     class Profile:
         def __init__(self, activities):
@@ -381,7 +384,9 @@ def test_profile_on_a_gpu_counts_each_kernel_once(monkeypatch, capsys):
     assert lines[0] == ("profile: one step 10 ms under the profiler, the GPU busy for 8 ms (85% of it, 68% of the "
                         "unprofiled 12 ms); the top 2:")  # 8.5 ms of 10 and of 12.5
     assert lines[1].split() == ["profile:", "6.0", "ms", "70.6%", "40", "x", "sm90_gemm_bf16"]  # 6 of 8.5 ms
-    assert lines[2].split()[1:4] == ["2.0", "ms", "23.5%"] and len(lines) == 3
+    assert lines[2].split()[1:4] == ["2.0", "ms", "23.5%"]
+    assert lines[3] == "profile: the host waited for the GPU 3 times in the step (cudaStreamSynchronize), 1.5 ms in all"
+    assert len(lines) == 4
 
 
 # -----------------------------------------------------------------------------
