@@ -769,8 +769,8 @@ def test_padding_is_invisible():
 
 def test_torch_compile_matches_eager():
     """pretrain.py / finetune_vqa.py --compile: the model traces and compiles (PyTorch path; one graph break at the
-    padding check), and its MLM and ITM passes, the ITM one on the MLM one's image inputs as pretrain.py runs them,
-    give eager's outputs and gradients."""
+    padding check), and its MLM and ITM passes, the ITM one on the MLM one's image inputs and the MLM logits at
+    row-major positions, as pretrain.py runs them, give eager's outputs and gradients."""
     import shutil
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("inductor needs a C++ compiler on the CPU")
@@ -781,10 +781,11 @@ def test_torch_compile_matches_eager():
     ids, mask, pixels = inputs()
     where = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3
     where[:, 1] = True
+    positions = torch.nonzero(where.flatten()).flatten()  # row-major indices, as pretrain.py gives them
 
     def step(m):  # m: the model or its compiled wrapper (same parameters)
         model.zero_grad(set_to_none=True)
-        first = m(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), mlm_positions=where,
+        first = m(ids, attention_mask=mask, pixel_values=pixels, heads=("mlm",), mlm_positions=positions,
                   return_image_inputs=True)
         image_inputs = [x[torch.tensor([2, 0, 2])] for x in first.image_inputs]
         mlm = first.mlm_logits
