@@ -593,12 +593,11 @@ class BridgeTower(nn.Module):
         if not mlm_only:
             out.pooler_output = torch.cat([self.cross_modal_text_pooler(ct), self.cross_modal_image_pooler(ci)], -1)
         if "mlm" in heads:
-            x = ct
-            if mlm_positions is not None and mlm_positions.dtype == torch.bool:
-                x = ct[mlm_positions]
-            elif mlm_positions is not None:
-                x = ct.reshape(-1, ct.shape[-1]).index_select(0, mlm_positions)
-            out.mlm_logits = self.mlm_score(x)
+            rows = ct
+            if mlm_positions is not None:  # a boolean mask, or row-major indices (no host sync on a GPU)
+                rows = (ct[mlm_positions] if mlm_positions.dtype == torch.bool else
+                        ct.flatten(0, 1).index_select(0, mlm_positions))
+            out.mlm_logits = self.mlm_score(rows)
         if "itm" in heads:
             out.itm_logits = self.itm_score(out.pooler_output)
         if "itc" in heads:

@@ -704,7 +704,7 @@ def train_step(model, micro_batches, loss_fn, optimizer, grad_clip=0.0, dist=Non
     micro-steps and ranks (weighted; all 0 if every weight is 0), plus "loss" and "grad_norm" (before clipping).
     """
     n = accum_steps or len(micro_batches)
-    sums, weights = None, 0.0
+    sums = weights = None
     for i, batch in enumerate(micro_batches):
         last = i == n - 1
         sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
