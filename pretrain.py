@@ -106,10 +106,15 @@ def pretrain_loss(model, batch, device, autocast=nullcontext()):
     # GPU to count its Trues before it can launch anything that follows)
     flat_labels = batch["mlm_labels"].flatten()
     positions = torch.nonzero(flat_labels != -100).flatten()
-    labels = flat_labels[positions]
-    n_masked = max(1, len(labels))  # 0, not NaN, if none is masked (bench's random batches; mask_tokens picks one)
+    targets = torch.stack([positions, flat_labels[positions].long()])
+    n_masked = max(1, targets.shape[1])  # 0, not NaN, if none is masked (bench's random batches; mask_tokens picks one)
+    if torch.device(device).type == "cuda":
+        # the batch comes pinned (the loader's pin_memory); these are new. A copy from pageable memory may make the
+        # host wait for the GPU's queued work first ("the driver may synchronize with the stream", CUDA's API
+        # synchronization behavior), one from pinned memory does not
+        targets = targets.pin_memory()
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-    positions, labels = positions.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    positions, labels = targets.to(device, non_blocking=True)
     with autocast:
         # the vocabulary projection only where a token is predicted (15% in the paper): the head's largest matmul
         mlm = model(batch["mlm_input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],

@@ -231,6 +231,35 @@ def test_itm_pass_reuses_the_vision_tower(monkeypatch):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_pretrain_loss_copies_only_pinned_memory_to_a_gpu(monkeypatch):
+    """On a GPU, every tensor pretrain_loss copies to the device is in pinned memory: the batch's (the loader pins
+    them) and the MLM positions and labels it makes (it pins them), as a copy from pageable memory may make the host
+    wait for the GPU. The device is faked on the CPU: .to(cuda) records its tensor and returns it."""
+    model = _tiny_model()
+    batch = _batches(1)[0]
+    want, _ = pretrain.pretrain_loss(model, batch, torch.device("cpu"))
+    real_to, pinned, copied = torch.Tensor.to, [], []
+
+    def fake_pin_memory(self):
+        pinned.append(self.clone())
+        return pinned[-1]
+
+    def fake_to(self, *args, **kwargs):
+        if any(isinstance(a, torch.device) and a.type == "cuda" for a in (*args, *kwargs.values())):
+            copied.append(self)
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    loss, _ = pretrain.pretrain_loss(model, batch, torch.device("cuda"))
+    monkeypatch.undo()
+    torch.testing.assert_close(loss, want)
+    made_here = [t for t in copied if not any(t is v for v in batch.values())]
+    assert len(copied) - len(made_here) == len(batch)  # the batch's, each once
+    assert made_here and all(any(t is p for p in pinned) for t in made_here)
+
+
 # -----------------------------------------------------------------------------
 # kill and resume
 
