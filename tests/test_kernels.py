@@ -712,11 +712,11 @@ def test_on_gpu():
 def test_add_layer_norm_rows_with_a_column_stride():
     # a 2-D transposed h (its rows' columns are not adjacent, and reshape keeps the view) and such a dy too
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(96, 6, generator=g).t().requires_grad_()
-    c = torch.randn(6, 96, generator=g).requires_grad_()
-    w = (1 + 0.1 * torch.randn(96, generator=g)).requires_grad_()
-    b = (0.1 * torch.randn(96, generator=g)).requires_grad_()
-    dout = torch.randn(96, 6, generator=g).t()
+    h = torch.randn(96, 6, generator=g).to(DEVICE).t().requires_grad_()
+    c = torch.randn(6, 96, generator=g).to(DEVICE).requires_grad_()
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEVICE).requires_grad_()
+    b = (0.1 * torch.randn(96, generator=g)).to(DEVICE).requires_grad_()
+    dout = torch.randn(96, 6, generator=g).to(DEVICE).t()
     assert h.reshape(-1, 96).stride(-1) != 1 and dout.reshape(-1, 96).stride(-1) != 1
     got = run_grads(ln_fn(bk.add_layer_norm, "add"), [h, c, w, b], dout)
     want = run_grads(ln_fn(bk.add_layer_norm_ref, "add"), [h, c, w, b], dout)
@@ -740,9 +740,9 @@ def test_attention_strided_key_masks():
     # a mask sliced off a wider one (row stride != Lk) and one broadcast over the batch (row stride 0)
     inputs, _, dout = attn_inputs(3, 2, 9, 20, 32, None)
     g = torch.Generator().manual_seed(3)
-    wide = torch.rand(3, 27, generator=g) > 0.4
+    wide = (torch.rand(3, 27, generator=g) > 0.4).to(DEVICE)
     wide[:, 0] = True
-    one = torch.rand(1, 20, generator=g) > 0.5
+    one = (torch.rand(1, 20, generator=g) > 0.5).to(DEVICE)
     one[:, 0] = True
     for key_mask in (wide[:, :20], one.expand(3, 20)):
         assert key_mask.stride() != (20, 1)
