@@ -5,9 +5,10 @@
 #   bash gpu_checks.sh              # logs in gpu_logs/ (or in $OUT when that is set)
 #
 # 1. the kernel benchmark (bridge_kernels.py, bf16): fused add+LayerNorm vs eager vs torch.compile,
-#    masked attention vs SDPA, forward and forward+backward, and the tuned kernels' values on those shapes; last,
+#    masked attention vs SDPA, forward and forward+backward, and the tuned kernels' values on those shapes; then
 #    the values of the attention kernels with dropout (a compile-time switch: other kernels) on the shapes step 2
-#    runs them at, which also leaves them compiled and tuned in Triton's cache for step 2
+#    runs them at, which also leaves them compiled and tuned in Triton's cache for step 2; then the host's time a
+#    call of each path on tiny shapes (where the host is the limit)
 #                                                                      -> kernels.txt
 # 2. base pre-training steps (bf16, 288 px, micro-batch 32, dropout 0.1): Triton kernels, then PyTorch's,
 #    samples/s and MFU; then one step under torch.profiler: the share of it the GPU was busy (low: the host's
