@@ -9,8 +9,9 @@ reference, and a benchmark under __main__.
    saves writing and re-reading the sum.
 2. attention: flash-attention style (online softmax, only the log-sum-exp saved) with a key padding
    mask, Lq != Lk, any length, and attention-probability dropout drawn inside the kernel.
-   PyTorch's own flash attention refuses any mask, so every padded text call falls back to slower
-   kernels there.
+   PyTorch's own flash attention refuses any mask; where SDPA has no cuDNN backend for a masked call,
+   it falls back to slower kernels. (On an H200 with torch 2.11 it takes cuDNN's flash attention,
+   which beat this kernel: see README's Benchmarks.)
 
 model.py calls only bridge_add_layer_norm() and bridge_attention(), which ask the dispatcher, backend(),
 which path to take.
