@@ -194,6 +194,17 @@ def _add_ln_bwd_kernel(
         tl.store(DS_partial + pid, tl.sum(ds, axis=0))
 
 
+# triton.cdiv and triton.next_power_of_2 go through Triton's constexpr-function wrapper when called from Python
+# (about 7 us a call with Triton 3.9 on the development CPU); the host code runs them several times a launch, so it
+# does the same integer math itself
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _next_power_of_2(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _as_rows(t, n):
     t = t.reshape(-1, n)  # a view whenever the layout allows it
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -205,7 +216,7 @@ def _ln_row_fits(n, element_size):
 
 
 def _ln_launch_params(n, element_size):
-    block_n = triton.next_power_of_2(n)
+    block_n = _next_power_of_2(n)
     if not _ln_row_fits(n, element_size):
         raise ValueError(f"add_layer_norm: width {n} too large for one row in registers")
     num_warps = min(max(block_n // 256, 1), 8)  # the tutorial's rule: ~256 elements per warp
@@ -255,8 +266,8 @@ class _AddLayerNorm(torch.autograd.Function):
         one_grad = link == 0 and h2.dtype == c2.dtype
         dh = torch.empty((m, n), device=h2.device, dtype=h2.dtype)
         dc = dh if one_grad else torch.empty((m, n), device=h2.device, dtype=c2.dtype)
-        rows_per_program = triton.cdiv(m, _num_programs(h2.device))
-        programs = triton.cdiv(m, rows_per_program) if m > 0 else 1
+        rows_per_program = _cdiv(m, _num_programs(h2.device))
+        programs = _cdiv(m, rows_per_program) if m > 0 else 1
         # every program writes its whole partial row: no memset needed
         dw_partial = torch.empty((programs, n), device=h2.device, dtype=torch.float32)
         db_partial = torch.empty((programs, n), device=h2.device, dtype=torch.float32)
@@ -635,7 +646,7 @@ def _empty_bhld(b, h, l, d, like):
 
 def _bucket(n):
     # the autotune key: lengths past 2048 (BridgeTower's longest is 1297) share one tuning
-    return min(max(triton.next_power_of_2(n), 16), 2048)
+    return min(max(_next_power_of_2(n), 16), 2048)
 
 
 def _dot_precision(dtype):
@@ -675,14 +686,14 @@ class _Attention(torch.autograd.Function):
         has_mask = key_mask is not None
         mask_arg = key_mask if has_mask else lse  # any pointer when there is no mask
         mask_strides = (key_mask.stride(0), key_mask.stride(1)) if has_mask else (0, 0)
-        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)
+        grid = lambda meta: (_cdiv(Lq, meta["BLOCK_M"]) * B * H,)
         _attn_fwd_kernel[grid](
             q, k, v, mask_arg, o, lse,
             D ** -0.5, *_seed_halves(seed), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides,
             H, Lq, Lk, D, _bucket(Lq), _bucket(Lk),
             HAS_MASK=has_mask, DROPOUT=dropout_p > 0, PREC=_dot_precision(q.dtype),
-            BLOCK_D=max(16, triton.next_power_of_2(D)))
+            BLOCK_D=max(16, _next_power_of_2(D)))
         ctx.save_for_backward(q, k, v, key_mask, o, lse)
         ctx.dropout_p, ctx.seed = dropout_p, seed
         return o
@@ -693,9 +704,9 @@ class _Attention(torch.autograd.Function):
         dropout_p, seed = ctx.dropout_p, ctx.seed
         B, H, Lq, D = q.shape
         Lk = k.shape[2]
-        block_d = max(16, triton.next_power_of_2(D))
+        block_d = max(16, _next_power_of_2(D))
         delta = torch.empty_like(lse)
-        _attn_bwd_delta_kernel[(triton.cdiv(Lq, 64) * B * H,)](
+        _attn_bwd_delta_kernel[(_cdiv(Lq, 64) * B * H,)](
             o, do, delta, *o.stride(), *do.stride(), H, Lq, D, BLOCK_M=64, BLOCK_D=block_d)
         dq, dk, dv = _empty_bhld(B, H, Lq, D, q), _empty_bhld(B, H, Lk, D, k), _empty_bhld(B, H, Lk, D, v)
         has_mask = key_mask is not None
@@ -703,12 +714,12 @@ class _Attention(torch.autograd.Function):
         mask_strides = (key_mask.stride(0), key_mask.stride(1)) if has_mask else (0, 0)
         common = dict(HAS_MASK=has_mask, DROPOUT=dropout_p > 0, PREC=_dot_precision(q.dtype), BLOCK_D=block_d)
         sizes = (H, Lq, Lk, D, _bucket(Lq), _bucket(Lk))
-        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
+        _attn_bwd_dkdv_kernel[lambda meta: (_cdiv(Lk, meta["BLOCK_N"]) * B * H,)](
             q, k, v, mask_arg, do, lse, delta, dk, dv,
             D ** -0.5, *_seed_halves(seed), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *mask_strides,
             *sizes, **common)
-        _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
+        _attn_bwd_dq_kernel[lambda meta: (_cdiv(Lq, meta["BLOCK_M"]) * B * H,)](
             q, k, v, mask_arg, do, lse, delta, dq,
             D ** -0.5, *_seed_halves(seed), dropout_p,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *mask_strides,
@@ -931,7 +942,7 @@ def compile_check(archs=(80, 90), dtypes=("bf16",), head_dims=(64,), variants=((
                         meta["ONE_GRAD"] = link == 0
                     yield dict(_gpu_compile(kernel, arch, {**act, **stats}, meta, warps, 1), dtype=dt)
             for d in head_dims:
-                block_d = max(16, triton.next_power_of_2(d))
+                block_d = max(16, _next_power_of_2(d))
                 ptrs = {p: dt for p in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
                 ptrs.update(KeyMask="u8", LSE="fp32", Delta="fp32")
                 yield dict(_gpu_compile(_attn_bwd_delta_kernel, arch, ptrs, dict(BLOCK_M=64, BLOCK_D=block_d), 4, 1), dtype=dt)

@@ -774,6 +774,15 @@ def test_benchmark_host_time_code_runs(capsys):
     assert "host time a call" in out and out.count("\n") == len(rows) + 3
 
 
+@pytest.mark.skipif(not bk.HAS_TRITON, reason="triton is not installed")
+def test_host_integer_helpers_match_triton():
+    # the host code's own cdiv and next_power_of_2 (Triton's go through a slower wrapper) give Triton's values
+    for n in range(1, 4100):
+        assert bk._next_power_of_2(n) == bk.triton.next_power_of_2(n), n
+        for d in (1, 16, 32, 64, 128):
+            assert bk._cdiv(n, d) == bk.triton.cdiv(n, d), (n, d)
+
+
 def summary_rows(eager, compile_, masked, unmasked, ln_error=0.5, attn_error=0.5):
     ln = [dict(rows=6, width=48, passes="fwd+bwd", vs_eager=eager, vs_compile=compile_, error=ln_error)]
     attn = [dict(lq=5, lk=5, masked=False, passes="fwd+bwd", vs_sdpa=unmasked, error=attn_error),
