@@ -212,7 +212,7 @@ def _as_rows(t, n):
 
 def _ln_row_fits(n, element_size):
     # a whole row, padded to a power of two, sits in registers: at most 64 KiB, 16K fp32 / 32K bf16 or fp16 columns
-    return (1 << max(n - 1, 0).bit_length()) * element_size <= 65536
+    return _next_power_of_2(n) * element_size <= 65536
 
 
 def _ln_launch_params(n, element_size):
